@@ -1,0 +1,23 @@
+"""Backbones: each returns a dict of stage features {"stem", "stage1".."stage4"}."""
+
+from __future__ import annotations
+
+from jaxseg.backbones import resnet
+from jaxseg.backbones.resnet import ResNet, ResNet50, ResNet101
+
+# name -> module factory; every factory accepts output_stride=, dtype= and returns a
+# module whose __call__(images, *, train) gives the stage-feature dict.
+BACKBONES = {
+    "resnet50": ResNet50,
+    "resnet101": ResNet101,
+}
+
+
+def get_backbone(name: str):
+  """The backbone factory registered under `name` (a partial of a linen module)."""
+  if name not in BACKBONES:
+    raise ValueError(f"unknown backbone {name!r}; valid choices: {', '.join(sorted(BACKBONES))}")
+  return BACKBONES[name]
+
+
+__all__ = ["BACKBONES", "get_backbone", "resnet", "ResNet", "ResNet50", "ResNet101"]
