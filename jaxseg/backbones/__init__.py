@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jaxseg.backbones import resnet
 from jaxseg.backbones.resnet import ResNet, ResNet50, ResNet101
+from jaxseg.errors import JaxsegError
 
 # name -> module factory; every factory accepts output_stride=, dtype= and returns a
 # module whose __call__(images, *, train) gives the stage-feature dict.
@@ -16,7 +17,7 @@ BACKBONES = {
 def get_backbone(name: str):
   """The backbone factory registered under `name` (a partial of a linen module)."""
   if name not in BACKBONES:
-    raise ValueError(f"unknown backbone {name!r}; valid choices: {', '.join(sorted(BACKBONES))}")
+    raise JaxsegError(f"unknown backbone {name!r}; valid choices: {', '.join(sorted(BACKBONES))}")
   return BACKBONES[name]
 
 

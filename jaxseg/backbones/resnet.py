@@ -102,18 +102,22 @@ def stage_plan(stage_sizes: Sequence[int], output_stride: int = 32,
   return plan
 
 
-def feature_info(stage_sizes: Sequence[int], output_stride: int = 32):
+def feature_info(stage_sizes: Sequence[int], output_stride: int = 32, width: int = 64):
   """{name: (channels, reduction)} of the feature dict returned by `ResNet`."""
-  info = {"stem": (64, 2)}
+  info = {"stem": (width, 2)}
   for s, (_, _, reduction) in enumerate(stage_plan(stage_sizes, output_stride)):
-    info[f"stage{s + 1}"] = (STAGE_WIDTHS[s] * 4, reduction)
+    info[f"stage{s + 1}"] = (STAGE_WIDTHS[s] * width // 64 * 4, reduction)
   return info
 
 
 class ResNet(nn.Module):
-  """ResNet trunk returning {"stem", "stage1".."stage4"} features (no classifier)."""
+  """ResNet trunk returning {"stem", "stage1".."stage4"} features (no classifier).
+
+  `width` scales every layer (64 is the standard network; tests use narrow ones).
+  """
 
   stage_sizes: Sequence[int]
+  width: int = 64
   output_stride: int = 32
   multi_grid: Sequence[int] | None = None
   zero_init_last: bool = True
@@ -122,12 +126,12 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     x = jnp.asarray(x, self.dtype)
-    x = ConvBNAct(64, 7, 2, dtype=self.dtype, name="stem")(x, train=train)
+    x = ConvBNAct(self.width, 7, 2, dtype=self.dtype, name="stem")(x, train=train)
     features = {"stem": x}  # stride 2, before the max-pool (U-Net decoders use it as a skip)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     plan = stage_plan(self.stage_sizes, self.output_stride, self.multi_grid)
     for s, (strides, dilations, _) in enumerate(plan):
-      x = ResNetStage(self.stage_sizes[s], STAGE_WIDTHS[s], strides, dilations,
+      x = ResNetStage(self.stage_sizes[s], STAGE_WIDTHS[s] * self.width // 64, strides, dilations,
                       self.zero_init_last, self.dtype, name=f"stage{s + 1}")(x, train=train)
       features[f"stage{s + 1}"] = x
     return features

@@ -35,6 +35,9 @@ _TRIANGLE = 1.3 * np.stack([np.cos(_TRI_ANGLES), np.sin(_TRI_ANGLES)], axis=-1) 
 # objects vanish into the texture, which teaches nothing.
 _MIN_CONTRAST = 90.0
 
+# Object size (outline scale) as a fraction of the shorter image side.
+_SIZE_RANGE = (0.14, 0.45)
+
 
 def _cross(half_width: float) -> np.ndarray:
   """Plus sign 1.15 across from tip to tip with arms of the given half width."""
@@ -154,7 +157,7 @@ class SyntheticShapes:
     draw = ImageDraw.Draw(inst_img)
     objects = []
     for i, cls in enumerate(classes, start=1):
-      size = rng.uniform(0.14, 0.45) * min(h, w)
+      size = rng.uniform(*_SIZE_RANGE) * min(h, w)
       angle = rng.uniform(0.0, 2.0 * np.pi)
       centre = rng.uniform(0.1, 0.9, 2) * (w, h)
       rot = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])

@@ -7,6 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxseg import backbones
+from jaxseg.errors import JaxsegError
 from jaxseg.models.deeplab import ASPP, DeepLabV3Plus
 
 # name -> (module class, whether it takes a `backbone`).
@@ -19,7 +20,7 @@ def create_model(name: str, *, num_classes: int, backbone: str | None = None,
                  dtype: Any = jnp.float32, **kwargs):
   """Builds a registered model; the one place where config values become constructor args."""
   if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(sorted(MODELS))}")
+    raise JaxsegError(f"unknown model {name!r}; valid choices: {', '.join(sorted(MODELS))}")
   cls, takes_backbone = MODELS[name]
   if takes_backbone:
     kwargs["backbone"] = backbones.get_backbone(backbone or "resnet50")

@@ -53,6 +53,7 @@ class DeepLabV3Plus(nn.Module):
   num_classes: int
   backbone: Callable[..., nn.Module]
   output_stride: int = 16
+  multi_grid: Sequence[int] | None = None  # DeepLabV3's unit rates for the last stage
   aspp_rates: Sequence[int] | None = None
   aspp_features: int = 256
   low_level_stage: str = "stage1"
@@ -64,7 +65,8 @@ class DeepLabV3Plus(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool):
-    features = self.backbone(output_stride=self.output_stride, dtype=self.dtype,
+    extra = {"multi_grid": tuple(self.multi_grid)} if self.multi_grid else {}
+    features = self.backbone(output_stride=self.output_stride, dtype=self.dtype, **extra,
                              name="backbone")(images, train=train)
     rates = self.aspp_rates or ASPP_RATES[self.output_stride]
     x = ASPP(self.aspp_features, rates, self.separable, self.dropout_rate, self.dtype,

@@ -1,0 +1,98 @@
+"""Times one jitted train step: compile time, median step time, images/s, memory, FLOP/s.
+
+    python benchmarks/train_step.py --backbone=resnet101 --image_size=512 --batch_size=2
+
+FLOPs come from XLA's cost analysis of the compiled step (forward + backward + update), so
+FLOP/s is what the step achieved, not a hardware peak. Peak memory is XLA's own accounting of
+the compiled step (arguments + outputs + temporaries - aliased donations) and, on GPU/TPU, the
+allocator's peak; on CPU also the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from experiments.configs import deeplab as deeplab_config
+from jaxseg.models import create_model
+from jaxseg.train import segmentation, sharding
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="deeplabv3plus")
+  parser.add_argument("--backbone", default="resnet101")
+  parser.add_argument("--image_size", type=int, nargs="+", default=[512])
+  parser.add_argument("--batch_size", type=int, default=2, help="global batch")
+  parser.add_argument("--dtype", default="auto", choices=segmentation.DTYPES)
+  parser.add_argument("--output_stride", type=int, default=16)
+  parser.add_argument("--separable", action="store_true")
+  parser.add_argument("--num_classes", type=int, default=19)
+  parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
+  args = parser.parse_args()
+  size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
+
+  config = deeplab_config.get_config()
+  config.model.backbone, config.model.dtype = args.backbone, args.dtype
+  config.model.output_stride, config.model.separable = args.output_stride, args.separable
+  config.train.batch_size = args.batch_size
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(args.batch_size, mesh)
+  dtype = segmentation.compute_dtype(args.dtype)
+  model = create_model(args.model, num_classes=args.num_classes, backbone=args.backbone,
+                       dtype=dtype, **segmentation.model_kwargs(config))
+  state, state_sharding, schedule = segmentation.create_train_state(
+      config, model, mesh, (*size, 3), steps=1000)
+  train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, schedule,
+                                         args.num_classes, 255)
+  rng = np.random.default_rng(0)
+  batch = sharding.put_batch({
+      "image": rng.integers(0, 256, (args.batch_size, *size, 3), dtype=np.uint8),
+      "label": rng.integers(0, args.num_classes, (args.batch_size, *size), dtype=np.uint8)},
+      mesh)
+
+  t = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  state, out = compiled(state, batch)  # warm-up
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(args.steps):
+    t = time.perf_counter()
+    state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  memory = compiled.memory_analysis()
+  xla_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else float("nan")
+  device_stats = jax.devices()[0].memory_stats() or {}
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+  print(f"device          {jax.devices()[0].device_kind} x{jax.device_count()} "
+        f"({jax.default_backend()}), jax {jax.__version__}")
+  print(f"model           {args.model} {args.backbone} os{args.output_stride}"
+        f"{' separable' if args.separable else ''}, {size[0]}x{size[1]}, batch "
+        f"{args.batch_size}, {np.dtype(dtype).name}")
+  print(f"compile         {compile_s:.1f} s")
+  print(f"step (median)   {step_s * 1e3:.1f} ms over {args.steps} steps "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
+  print(f"images/s        {args.batch_size / step_s:.2f}")
+  print(f"FLOPs/step      {flops / 1e9:.1f} GFLOP (XLA cost analysis)")
+  print(f"FLOP/s          {flops / step_s / 1e12:.3f} TFLOP/s")
+  print(f"peak memory     {xla_peak / 2**30:.2f} GiB (XLA buffers)"
+        + (f", {device_stats['peak_bytes_in_use'] / 2**30:.2f} GiB (allocator peak)"
+           if "peak_bytes_in_use" in device_stats else f", {rss:.2f} GiB (process peak RSS)"))
+  print(f"loss            {float(out['loss']):.4f} (finite: {bool(out['finite'])})")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,51 @@
+"""Config keys shared by every segmentation experiment (documented in the README)."""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for data, train and optim; each experiment adds its `model` section."""
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "synthetic"
+  config.data.data_dir = ""  # root of a dataset on disk; unused by the synthetic one
+  config.data.image_size = 96  # training (and synthetic val) resolution, square
+  config.data.seed = 0  # dataset generation seed (synthetic)
+  config.data.val_split = "val"
+  config.data.worker_count = 0  # grain worker processes; 0 decodes in the main process
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 200
+  config.train.batch_size = 8  # global, over all devices and processes
+  config.train.eval_batch_size = 0  # 0: same as batch_size
+  config.train.checkpoint_every = 50
+  config.train.keep_checkpoints = 2
+  config.train.log_every = 10
+  config.train.eval_every = 0  # 0: evaluate at the end only
+  config.train.num_eval_examples = 0  # 0: the whole val split
+  config.train.num_prediction_images = 6  # rows of predictions.png
+  config.train.seed = 0
+  config.train.max_nonfinite_steps = 5  # stop after this many consecutive skipped steps
+  config.train.loss = ml_collections.ConfigDict({"ce": 1.0})  # e.g. {"ce": 1, "dice": 1}
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adamw"  # or "sgd"
+  config.optim.learning_rate = 1e-3
+  config.optim.schedule = "poly"  # DeepLab's (1 - t/T)^0.9, or "cosine", "constant"
+  config.optim.warmup_steps = 10
+  config.optim.power = 0.9
+  config.optim.end_learning_rate_factor = 0.0
+  config.optim.weight_decay = 1e-4
+  config.optim.momentum = 0.9  # sgd
+  config.optim.nesterov = False  # sgd
+  config.optim.b1 = 0.9  # adamw
+  config.optim.b2 = 0.999  # adamw
+  config.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+  return config
+
+
+def placeholder(kind):
+  """An optional (None by default) config value that can still be overridden by flag."""
+  return config_dict.placeholder(kind)

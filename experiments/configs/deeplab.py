@@ -1,0 +1,30 @@
+"""DeepLabV3+ on the synthetic shapes (the main job).
+
+    python -m experiments.deeplab --backbone=resnet101
+    python -m experiments.deeplab --backbone=resnet50 --config.train.steps=400 \
+        --config.model.output_stride=8 --workdir=runs/r50_os8
+
+The defaults train ResNet-101 DeepLabV3+ from scratch in under 10 minutes on a 2-core CPU
+(compile included) and reach a val mIoU above 0.5 on the synthetic shapes; on an accelerator
+raise data.image_size, train.batch_size and train.steps.
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = common.base_config()
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "deeplabv3plus"
+  config.model.backbone = "resnet101"  # set by --backbone
+  config.model.output_stride = 16
+  config.model.multi_grid = common.placeholder(tuple)  # e.g. (1, 2, 4)
+  config.model.aspp_features = 256
+  config.model.decoder_features = 256
+  config.model.low_level_features = 48
+  config.model.separable = False  # depthwise-separable ASPP and decoder convs
+  config.model.dropout_rate = 0.1
+  config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
+  return config

@@ -1,0 +1,80 @@
+"""What every experiment entry point shares: flag errors and user errors as one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+import jax
+from absl import app, flags, logging
+
+from jaxseg.errors import JaxsegError
+
+
+def _parse_flags(argv: Sequence[str]):
+  """absl's parser, but a bad flag or config override is one line, not a usage dump."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    sys.exit(f"error: {message}")
+
+
+def _check_config_keys(name: str, config, argv: Sequence[str]) -> None:
+  """Exits with one line naming the first --NAME.a.b override that is not a config key."""
+  prefix = f"--{name}."
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    path = arg[len(prefix):].split("=", 1)[0].split(".")
+    node = config
+    for depth, key in enumerate(path):
+      keys = sorted(node.keys()) if hasattr(node, "keys") else []
+      if key not in keys:
+        where = ".".join(path[:depth]) or "the top level"
+        sys.exit(f"error: unknown config key {prefix}{'.'.join(path)}; valid keys under "
+                 f"{where}: {', '.join(keys) or '(none: it is a value)'}")
+      node = node[key]
+
+
+def define_config(name: str, config, help_text: str):
+  """config_flags.DEFINE_config_dict, with unknown override keys reported in one line.
+
+  ml_collections applies overrides while the flag is defined (at import), raising a bare
+  KeyError/AttributeError traceback for a typo; check the keys first.
+  """
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _check_config_keys(name, config, sys.argv)
+  return config_flags.DEFINE_config_dict(name, config, help_text)
+
+
+def choose(value: str, choices: Sequence[str], flag: str) -> str:
+  """Validates a selector flag against its registry."""
+  if value not in choices:
+    raise JaxsegError(f"unknown --{flag}={value!r}; valid choices: {', '.join(sorted(choices))}")
+  return value
+
+
+def run(main: Callable[[], None]) -> None:
+  """app.run with one-line errors for everything a user can fix."""
+
+  def _main(argv):
+    if len(argv) > 1:
+      sys.exit(f"error: unexpected arguments {' '.join(argv[1:])!r} (flags look like --name=value)")
+    logging.set_verbosity(logging.INFO)
+    # Orbax narrates every save at INFO and JAX every backend it probes; keep our own INFO
+    # lines and everyone's warnings.
+    logging.get_absl_handler().addFilter(
+        lambda r: r.levelno >= logging.converter.STANDARD_WARNING
+        or not any(noisy in r.pathname for noisy in ("orbax", "xla_bridge")))
+    logging.info("JAX %s on %d %s device(s) (%d process(es)): %s", jax.__version__,
+                 jax.device_count(), jax.default_backend(), jax.process_count(),
+                 ", ".join(sorted({d.device_kind for d in jax.devices()})))
+    try:
+      main()
+    except JaxsegError as e:
+      sys.exit(f"error: {e}")
+
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(_main, flags_parser=_parse_flags)

@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can fix (flags, config, data, workdir).
+
+Entry points print these as a single line instead of a traceback; everything else is a bug
+and keeps its traceback.
+"""
+
+
+class JaxsegError(ValueError):
+  """A user-facing error whose message says what is wrong and what to change."""

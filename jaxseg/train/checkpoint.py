@@ -1,0 +1,106 @@
+"""Orbax checkpoints of the train state, the data iterator position and the model identity.
+
+Saves are asynchronous: the arrays are copied to host memory before `save` returns (so the
+state can be donated to the next step right away) and written in the background. Orbax writes
+each step into a temporary directory and renames it when complete, so a process killed in the
+middle of a save leaves a temporary directory that `latest_step` never returns: the previous
+complete step restores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain.python as grain
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from jaxseg.errors import JaxsegError
+
+# Fault injection for tests: SIGKILL this process right after issuing the save of this step.
+_KILL_AFTER_SAVE_ENV = "JAXSEG_TEST_KILL_AFTER_SAVE_STEP"
+
+
+def param_shapes(params) -> dict[str, list[int]]:
+  """{'backbone/stem/conv/kernel': [7, 7, 3, 64], ...} for identity checks and error messages."""
+  flat = traverse_util.flatten_dict(jax.tree.map(lambda x: list(x.shape), params,
+                                                 is_leaf=lambda x: hasattr(x, "shape")), sep="/")
+  return dict(sorted(flat.items()))
+
+
+class _IteratorSnapshot:
+  """An iterator state frozen at save time (grain's handler may run after `save` returns)."""
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self):
+    return self._state
+
+
+class Checkpointer:
+  """Saves/restores {state, data iterator, identity} under `directory`, keeping the last `keep`."""
+
+  def __init__(self, directory: str, identity: dict[str, Any], *, keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.identity = identity
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+            save_root_metadata=False),
+        item_names=("state", "data", "identity"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.PyGrainCheckpointHandler(),
+                       "identity": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def check_identity(self, step: int) -> None:
+    """Raises a one-line error if the checkpoint at `step` belongs to another model."""
+    saved = self.manager.restore(step, args=ocp.args.Composite(
+        identity=ocp.args.JsonRestore()))["identity"]
+    mine = self.identity
+    described = lambda d: (f"{d.get('model')}/{d.get('backbone')} with "
+                           f"{d.get('num_classes')} classes")
+    if any(saved.get(k) != mine.get(k) for k in ("model", "backbone", "num_classes")):
+      raise JaxsegError(
+          f"{self.directory} holds a checkpoint of {described(saved)} (step {step}), but this "
+          f"run builds {described(mine)}; use another --workdir or move the old one away "
+          f"(it was left untouched)")
+    old, new = saved.get("params", {}), mine.get("params", {})
+    if old != new:
+      path = next((p for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)), "?")
+      raise JaxsegError(
+          f"{self.directory} (step {step}): parameter {path} has shape {old.get(path)} in the "
+          f"checkpoint but {new.get(path)} in this model; use another --workdir or the "
+          f"checkpoint's config (it was left untouched)")
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """The state at `step` (shardings taken from `abstract_state`); sets the iterator position."""
+    self.check_identity(step)
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    """Starts an asynchronous save; returns whether a save was started."""
+    args = {"state": ocp.args.StandardSave(state),
+            "identity": ocp.args.JsonSave(self.identity)}
+    if data_iterator is not None:
+      args["data"] = grain.PyGrainCheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
+    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    if saved and os.environ.get(_KILL_AFTER_SAVE_ENV) == str(step):
+      os.kill(os.getpid(), 9)  # mid-save crash, for the resume tests
+    return saved
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,92 @@
+"""Run outputs: metrics.jsonl, TensorBoard events and a progress bar (process 0 writes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import tqdm
+
+
+def _plain(value):
+  """JSON-friendly python scalars / lists from numpy or jax values."""
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  value = np.asarray(value)
+  if value.ndim:
+    return value.tolist()
+  value = value.item()
+  return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(resume_step)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _truncate_after(self, step: int) -> None:
+    """Drops rows logged after the checkpoint we resume from: they will be logged again."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      rows = [line for line in f if line.strip()]
+    keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    if len(keep) != len(rows):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)  # atomic: a crash here never loses the old rows
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """tqdm bar over steps with loss, learning rate and images/s; ETA comes from tqdm."""
+
+  def __init__(self, total: int, initial: int, batch_size: int, desc: str = "train"):
+    self.batch_size = batch_size
+    self.bar = tqdm.tqdm(total=total, initial=initial, desc=desc, unit="step",
+                         dynamic_ncols=True, disable=jax.process_index() != 0,
+                         mininterval=1.0)
+    self._last = (time.perf_counter(), initial)
+
+  def update(self, step: int, loss: float, learning_rate: float) -> None:
+    now = time.perf_counter()
+    t0, s0 = self._last
+    ips = (step - s0) * self.batch_size / max(now - t0, 1e-9)
+    self._last = (now, step)
+    self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", img_s=f"{ips:.1f}",
+                         refresh=False)
+    self.bar.update(step - self.bar.n)
+
+  def write(self, message: str) -> None:
+    self.bar.write(message)
+
+  def close(self) -> None:
+    self.bar.close()

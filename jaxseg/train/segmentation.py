@@ -1,0 +1,262 @@
+"""The segmentation training loop: `train_and_evaluate(config, workdir)`.
+
+This is the one place where an experiment's ConfigDict becomes constructor arguments for the
+dataset, model, loss and optimizer; everything it calls takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxseg import losses, metrics, visualize
+from jaxseg.data import get_dataset, pipeline
+from jaxseg.data.preprocess import make_normalize
+from jaxseg.errors import JaxsegError
+from jaxseg.models import create_model
+from jaxseg.train import optim, sharding
+from jaxseg.train.checkpoint import Checkpointer, param_shapes
+from jaxseg.train.logging import MetricWriter, Progress
+from jaxseg.train.state import TrainState
+from jaxseg.train.steps import make_eval_step, make_train_step
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def compute_dtype(name: str):
+  """'auto' is bfloat16 on GPU/TPU and float32 on CPU, where XLA's bf16 convs are slow."""
+  if name not in DTYPES:
+    raise JaxsegError(f"unknown --config.model.dtype={name!r}; valid choices: {', '.join(DTYPES)}")
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return jnp.dtype(name)
+
+
+def model_kwargs(config) -> dict[str, Any]:
+  """The model section minus the keys the loop itself consumes."""
+  kwargs = config.model.to_dict()
+  for key in ("name", "backbone", "dtype"):
+    kwargs.pop(key, None)
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()
+          if v is not None}
+
+
+def create_train_state(config, model, mesh, image_shape, steps: int):
+  """State built with eval_shape, then materialised by jit straight into its sharding."""
+  schedule = optim.make_schedule(
+      config.optim.schedule, config.optim.learning_rate, steps,
+      warmup_steps=config.optim.warmup_steps, power=config.optim.power,
+      end_factor=config.optim.end_learning_rate_factor)
+  tx = optim.make_optimizer(
+      config.optim.name, schedule, weight_decay=config.optim.weight_decay,
+      momentum=config.optim.momentum, nesterov=config.optim.nesterov,
+      b1=config.optim.b1, b2=config.optim.b2, clip_norm=config.optim.clip_norm)
+
+  def init(rng):
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng},
+                           jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), rng=state_rng)
+
+  rng = jax.random.key(config.train.seed)
+  abstract = jax.eval_shape(init, rng)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+  state = jax.jit(init, out_shardings=state_sharding)(rng)
+  return state, state_sharding, schedule
+
+
+def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index):
+  """The train and eval steps, compiled once for the mesh; the train state is donated."""
+  preprocess = make_normalize()
+  loss_fn = losses.make_loss(dict(config.train.loss), ignore_index=ignore_index)
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(loss_fn, preprocess, schedule),
+                       in_shardings=(state_sharding, batch_sharding),
+                       out_shardings=(state_sharding, sharding.replicated(mesh)),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(preprocess, num_classes, ignore_index),
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(sharding.replicated(mesh), batch_sharding))
+  return train_step, eval_step
+
+
+def evaluate(eval_step, state, source, mesh, batch_size, num_classes, validate,
+             num_examples=None, keep=0):
+  """Confusion matrix over the split (summed in int64) and the first `keep` predictions."""
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  kept = {"image": [], "label": [], "prediction": []}
+  local = batch_size // jax.process_count()
+  for batch in pipeline.eval_batches(source, local, num_examples, validate):
+    cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
+    confusion += np.asarray(jax.device_get(cm), np.int64)
+    if len(kept["image"]) < keep:
+      predictions = np.asarray(jax.device_get(predictions))
+      for i in np.flatnonzero(batch["mask"])[:keep - len(kept["image"])]:
+        kept["image"].append(batch["image"][i])
+        kept["label"].append(batch["label"][i])
+        kept["prediction"].append(predictions[i])
+  return confusion, kept
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, writes outputs."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh()
+  local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
+  eval_batch = config.train.eval_batch_size or config.train.batch_size
+  sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
+  dtype = compute_dtype(config.model.dtype)
+  steps = config.train.steps
+
+  data_kwargs = dict(image_size=config.data.image_size, seed=config.data.seed,
+                     data_dir=config.data.data_dir or None)
+  train_source = get_dataset(config.data.name, "train", **data_kwargs)
+  val_source = get_dataset(config.data.name, config.data.val_split, **data_kwargs)
+  num_classes, ignore = train_source.num_classes, train_source.ignore_index
+  validate = pipeline.ValidateLabels(num_classes, ignore, repr(train_source))
+  loader = pipeline.train_loader(
+      train_source, batch_size=local_batch, seed=config.train.seed,
+      operations=[validate], worker_count=config.data.worker_count)
+
+  model = create_model(config.model.name, num_classes=num_classes,
+                       backbone=config.model.backbone, dtype=dtype, **model_kwargs(config))
+  image_shape = tuple(np.asarray(val_source[0]["image"]).shape)
+  state, state_sharding, schedule = create_train_state(config, model, mesh, image_shape, steps)
+  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+
+  identity = {"model": config.model.name, "backbone": config.model.backbone,
+              "num_classes": num_classes, "params": param_shapes(state.params)}
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
+                      keep=config.train.keep_checkpoints)
+  data_iter = iter(loader)
+  start = 0
+  if (latest := ckpt.latest_step()) is not None:
+    state = ckpt.restore(latest, state, data_iter)
+    start = int(jax.device_get(state.step))
+    logging.info("Resumed from %s at step %d", ckpt.directory, start)
+
+  train_step, eval_step = jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore)
+
+  writer = MetricWriter(workdir, resume_step=start)
+  logging.info("%s/%s, %d classes, %s params, dtype %s, %d devices, global batch %d",
+               config.model.name, config.model.backbone, num_classes, f"{num_params:,}",
+               jnp.dtype(dtype).name, mesh.devices.size, config.train.batch_size)
+
+  def is_eval_step(step):
+    return step == steps or (config.train.eval_every and step % config.train.eval_every == 0)
+
+  train_rows = {}  # the train scalars of eval steps, written together with the eval scalars
+
+  def run_eval(step):
+    confusion, kept = evaluate(eval_step, state, val_source, mesh, eval_batch, num_classes,
+                               validate, config.train.num_eval_examples,
+                               keep=config.train.num_prediction_images)
+    summary = metrics.summarize(confusion)
+    writer.write(step, {**train_rows.pop(step, {}),
+                        **{f"eval/{k}": summary[k] for k in
+                           ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")}})
+    return summary, kept
+
+  progress = Progress(steps, start, config.train.batch_size)
+  t_start, compile_seconds, pending, bad_steps = time.perf_counter(), None, None, []
+  t_first = None
+
+  def drain(step, out):
+    """Host-side bookkeeping of a finished step (one step behind: no device sync stall)."""
+    nonlocal compile_seconds
+    out = jax.device_get(out)
+    if compile_seconds is None:
+      compile_seconds = time.perf_counter() - t_start
+    if not out["finite"]:
+      bad_steps.append(step)
+      progress.write(f"step {step}: non-finite loss or gradient ({out['loss']}); update skipped "
+                     f"({int(out['nonfinite_streak'])} in a row)")
+      writer.write(step, {"nonfinite_step": 1, "loss": out["loss"]})
+      if out["nonfinite_streak"] >= config.train.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive steps with a "
+            f"non-finite loss or gradient (limit train.max_nonfinite_steps="
+            f"{config.train.max_nonfinite_steps}); lower optim.learning_rate or check the data")
+    progress.update(step, float(out["loss"]), float(out["learning_rate"]))
+    row = {k: v for k, v in out.items() if k not in ("finite", "nonfinite_streak")}
+    if is_eval_step(step):
+      train_rows[step] = row
+    elif step % config.train.log_every == 0:
+      writer.write(step, row)
+
+  try:
+    for step in range(start + 1, steps + 1):
+      batch = sharding.put_batch(next(data_iter), mesh)
+      state, out = train_step(state, batch)
+      if t_first is None:
+        t_first = step
+      if pending is not None:
+        drain(*pending)
+      pending = (step, out)
+      if step % config.train.checkpoint_every == 0 or step == steps:
+        drain(*pending)
+        pending = None
+        ckpt.save(step, state, data_iter, force=step == steps)
+      if is_eval_step(step) and step != steps:
+        if pending is not None:
+          drain(*pending)
+          pending = None
+        summary, _ = run_eval(step)
+        progress.write(f"step {step}: val mIoU {summary['miou']:.4f}")
+    if pending is not None:
+      drain(*pending)
+    train_seconds = time.perf_counter() - t_start
+    progress.close()
+    final_step = int(jax.device_get(state.step))
+    if ckpt.latest_step() != final_step:
+      ckpt.save(final_step, state, data_iter, force=True)
+    summary, kept = run_eval(final_step)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  trained = max(steps - start, 0)
+  timed = max(train_seconds - (compile_seconds or 0.0), 1e-9)
+  result = {
+      "miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
+      "mean_dice": summary["mean_dice"], "mean_accuracy": summary["mean_accuracy"],
+      "per_class_iou": summary["per_class_iou"], "per_class_dice": summary["per_class_dice"],
+      "precision": summary["precision"], "recall": summary["recall"],
+      "class_names": list(train_source.class_names),
+      "steps": final_step, "steps_this_run": trained, "resumed_from": start,
+      "train_seconds": round(train_seconds, 2),
+      "compile_seconds": round(compile_seconds or 0.0, 2),
+      # Throughput after the first (compiling) step of this run.
+      "images_per_second": round(max(trained - 1, 0) * config.train.batch_size / timed, 3),
+      "model": config.model.name, "backbone": config.model.backbone,
+      "dataset": config.data.name, "image_size": list(image_shape[:2]),
+      "num_params": num_params, "dtype": jnp.dtype(dtype).name,
+      "devices": mesh.devices.size, "platform": jax.default_backend(),
+      "global_batch_size": config.train.batch_size,
+      "nonfinite_steps": int(jax.device_get(state.nonfinite_total)),
+      "eval_examples": min(len(val_source), config.train.num_eval_examples or len(val_source)),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    if kept["image"]:
+      visualize.prediction_grid(
+          os.path.join(workdir, "predictions.png"), np.stack(kept["image"]),
+          np.stack(kept["label"]), np.stack(kept["prediction"]),
+          train_source.class_names, train_source.palette, ignore_index=ignore,
+          title=f"{config.model.name} {config.model.backbone} on {config.data.name} "
+                f"(val mIoU {summary['miou']:.3f})")
+    logging.info("Per-class results:\n%s",
+                 metrics.class_table(summary, train_source.class_names))
+  return result
+

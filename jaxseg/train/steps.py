@@ -1,0 +1,78 @@
+"""Pure train/eval steps. They know nothing about devices: the caller jits them with shardings."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxseg import metrics
+
+
+def _select(ok, new, old):
+  """`new` where `ok`, else `old`, leaf by leaf (keeps a bad step from touching the state)."""
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Schedule):
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  `loss_fn(logits_bhwk, labels_bhw) -> (loss, components)` computes in float32. A step whose
+  loss, gradients or new BatchNorm statistics are not finite changes nothing but the step
+  counter and the non-finite counters: `optax.apply_if_finite` alone would still let NaN into
+  the BatchNorm running averages, which live outside the optimizer.
+  """
+
+  def train_step(state, batch):
+    rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    images = preprocess(batch["image"])
+
+    def compute_loss(params):
+      logits, updates = state.apply_fn(
+          {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+          mutable=["batch_stats"], rngs={"dropout": dropout_rng})
+      loss, components = loss_fn(logits, batch["label"])
+      return loss, (components, updates["batch_stats"])
+
+    (loss, (components, batch_stats)), grads = jax.value_and_grad(
+        compute_loss, has_aux=True)(state.params)
+    grad_norm = optax.tree.norm(grads)  # inf/NaN if any gradient entry is
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+        optax.tree.norm(batch_stats))
+    new = state.apply_gradients(grads=grads)
+    state = state.replace(
+        step=state.step + 1,
+        params=_select(ok, new.params, state.params),
+        opt_state=_select(ok, new.opt_state, state.opt_state),
+        batch_stats=_select(ok, batch_stats, state.batch_stats),
+        rng=jnp.where(ok, jax.random.key_data(rng), state.rng),
+        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
+    # The optimizer's step count advances only on finite updates; so does its schedule.
+    lr = schedule(state.step - 1 - (state.nonfinite_total - (~ok).astype(jnp.int32)))
+    out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "finite": ok,
+           "nonfinite_streak": state.nonfinite_streak}
+    out.update({f"loss_{k}": v for k, v in components.items()})
+    return state, out
+
+  return train_step
+
+
+def make_eval_step(preprocess: Callable, num_classes: int, ignore_index: int = 255):
+  """Returns `eval_step(state, batch) -> (confusion matrix, predictions)`.
+
+  `batch["mask"]` (per example) excludes the padding of a last, incomplete batch.
+  """
+
+  def eval_step(state, batch):
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            preprocess(batch["image"]), train=False)
+    predictions = jnp.argmax(logits.astype(jnp.float32), axis=-1)
+    mask = jnp.broadcast_to(batch["mask"][:, None, None], batch["label"].shape)
+    confusion = metrics.confusion_matrix(batch["label"], predictions, num_classes,
+                                         ignore_index, mask=mask)
+    return confusion, predictions.astype(jnp.uint8)
+
+  return eval_step

@@ -1,0 +1,49 @@
+"""Pictures of results: prediction grids with a class legend."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255,
+             ignore_color=(255, 255, 255)) -> np.ndarray:
+  """(H, W) class ids -> (H, W, 3) uint8 colours; `ignore_index` pixels in `ignore_color`."""
+  palette = np.asarray(palette, np.uint8)
+  lut = np.zeros((256, 3), np.uint8)
+  lut[:len(palette)] = palette
+  lut[ignore_index] = ignore_color
+  return lut[np.asarray(labels, np.uint8)]
+
+
+def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
+                    predictions: np.ndarray, class_names: Sequence[str], palette: np.ndarray,
+                    *, ignore_index: int = 255, title: str | None = None) -> str:
+  """Writes a PNG with one row per example: image | ground truth | prediction, and a legend."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+
+  n = len(images)
+  fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.8), squeeze=False)
+  for i in range(n):
+    columns = (images[i], colorize(labels[i], palette, ignore_index),
+               colorize(predictions[i], palette, ignore_index))
+    for j, (picture, name) in enumerate(zip(columns, ("image", "ground truth", "prediction"))):
+      axes[i, j].imshow(picture, interpolation="nearest")
+      axes[i, j].set_xticks([])
+      axes[i, j].set_yticks([])
+      if i == 0:
+        axes[i, j].set_title(name)
+  handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="k", label=name)
+             for name, c in zip(class_names, palette)]
+  handles.append(Patch(facecolor="white", edgecolor="k", label=f"ignore ({ignore_index})"))
+  fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout(rect=(0, 0.6 / (2.5 * n + 0.8), 1, 1))
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path

@@ -1,0 +1,40 @@
+"""Tiny models and configs shared by the tests (batch 2-8, 32-64 px, narrow widths)."""
+
+from __future__ import annotations
+
+import functools
+
+from experiments.configs import deeplab as deeplab_config
+from jaxseg import backbones
+from jaxseg.backbones.resnet import ResNet
+
+# A narrow, shallow ResNet with the real block structure and parameter naming.
+TINY_RESNET = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), width=8)
+
+
+def register_tiny_backbone(name: str = "tiny_resnet") -> str:
+  """Makes the tiny ResNet selectable by name (what a subprocess test needs)."""
+  backbones.BACKBONES.setdefault(name, TINY_RESNET)
+  return name
+
+
+def tiny_config(steps: int = 4, **overrides):
+  """The DeepLab experiment config shrunk to seconds per step on CPU."""
+  config = deeplab_config.get_config()
+  config.model.backbone = register_tiny_backbone()
+  config.model.aspp_features = 16
+  config.model.decoder_features = 16
+  config.model.low_level_features = 8
+  config.model.dtype = "float32"
+  config.data.image_size = 32
+  config.train.steps = steps
+  config.train.batch_size = 8
+  config.train.checkpoint_every = 2
+  config.train.log_every = 1
+  config.train.num_eval_examples = 8
+  config.train.num_prediction_images = 2
+  config.optim.warmup_steps = 0
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    setattr(config[section], name, value)
+  return config

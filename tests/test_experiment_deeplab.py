@@ -1,0 +1,61 @@
+"""`python -m experiments.deeplab` end to end (2 steps), its outputs, and its one-line errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _deeplab(*args, devices=2, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return subprocess.run([sys.executable, "-m", "experiments.deeplab", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_steps_end_to_end_writes_every_output(tmp_path):
+  workdir = tmp_path / "run"
+  result = _deeplab("--backbone=resnet50", f"--workdir={workdir}", "--config.data.image_size=32",
+                    "--config.train.steps=2", "--config.train.batch_size=2",
+                    "--config.train.log_every=1", "--config.train.num_eval_examples=4",
+                    "--config.train.num_prediction_images=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads((workdir / "summary.json").read_text())
+  for key in ("miou", "pixel_accuracy", "mean_dice", "per_class_iou", "steps", "train_seconds",
+              "images_per_second", "backbone", "dataset", "num_params"):
+    assert key in summary, key
+  assert summary["steps"] == 2 and summary["backbone"] == "resnet50"
+  assert summary["dataset"] == "synthetic" and summary["devices"] == 2
+  assert len(summary["per_class_iou"]) == 5 and 0.0 <= summary["pixel_accuracy"] <= 1.0
+  rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all({"loss", "learning_rate"} <= r.keys() for r in rows)
+  assert "eval/miou" in rows[-1]
+  assert (workdir / "predictions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert any(p.name.startswith("events.out.tfevents") for p in (workdir / "tensorboard").iterdir())
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+  assert "train:" in result.stderr  # the progress bar
+  assert json.loads(result.stdout.splitlines()[0])["steps"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backbone=resnet18"], "error: unknown --backbone='resnet18'; valid choices: resnet101, "
+                              "resnet50"),
+    (["--dataset=imagenet"], "error: unknown --dataset='imagenet'; valid choices: synthetic"),
+    (["--config.train.stepz=3"], "error: unknown config key --config.train.stepz; valid keys "
+                                 "under train: batch_size,"),
+    (["--config.model.dtype=float16"], "error: unknown --config.model.dtype='float16'; valid "
+                                       "choices: auto, float32, bfloat16"),
+    (["--config.train.batch_size=3"], "error: --config.train.batch_size=3 is not divisible by "
+                                      "the 2 devices"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+  result = _deeplab(*args, f"--workdir={tmp_path}")
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(message), result.stderr[-2000:]
+  assert "Traceback" not in result.stderr

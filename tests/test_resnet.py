@@ -1,0 +1,101 @@
+"""ResNet trunk: torchvision parameter counts, output stride by dilation, stable names."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import traverse_util
+
+from jaxseg.backbones import get_backbone, resnet
+from jaxseg.errors import JaxsegError
+
+
+def _variables(module, size=64):
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                            train=False))
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+# torchvision resnet50 / resnet101 parameters() without fc.weight / fc.bias.
+@pytest.mark.parametrize("name, expected", [("resnet50", 23_508_032), ("resnet101", 42_500_160)])
+def test_trunk_parameter_count_matches_torchvision(name, expected):
+  assert _count(_variables(get_backbone(name)())["params"]) == expected
+
+
+@pytest.mark.parametrize("output_stride, reductions", [
+    (32, (4, 8, 16, 32)), (16, (4, 8, 16, 16)), (8, (4, 8, 8, 8))])
+def test_output_stride_turns_strides_into_dilation(output_stride, reductions):
+  module = resnet.ResNet50(output_stride=output_stride)
+  features = jax.eval_shape(lambda: module.init_with_output(
+      jax.random.key(0), jnp.zeros((2, 64, 96, 3)), train=False))[0]
+  assert features["stem"].shape == (2, 32, 48, 64)
+  for s, r in enumerate(reductions):
+    assert features[f"stage{s + 1}"].shape == (2, 64 // r, 96 // r, 256 * 2**s)
+  assert {k: v[1] for k, v in resnet.feature_info((3, 4, 6, 3), output_stride).items()} == {
+      "stem": 2, **{f"stage{s + 1}": r for s, r in enumerate(reductions)}}
+
+
+def test_dilation_does_not_change_parameters():
+  shapes = [jax.tree.map(lambda x: x.shape, _variables(resnet.ResNet50(output_stride=o)))
+            for o in (8, 16, 32)]
+  assert shapes[0] == shapes[1] == shapes[2]
+
+
+def test_stage_plan_dilations_and_multi_grid():
+  plan = resnet.stage_plan((3, 4, 23, 3), 8)
+  assert [p[0] for p in plan] == [1, 2, 1, 1]
+  assert plan[2][1] == (1,) + (2,) * 22  # first block keeps the previous dilation (torchvision)
+  assert plan[3][1] == (2, 4, 4)
+  # DeepLabV3 Sec. 3.2: multi-grid (1, 2, 4) at output stride 16 gives rates 2 * (1, 2, 4).
+  assert resnet.stage_plan((3, 4, 6, 3), 16, (1, 2, 4))[3][1] == (2, 4, 8)
+  with pytest.raises(ValueError, match="one rate per block"):
+    resnet.stage_plan((3, 4, 6, 3), 16, (1, 2))
+  with pytest.raises(ValueError, match="8, 16 or 32"):
+    resnet.stage_plan((3, 4, 6, 3), 4)
+
+
+@pytest.mark.parametrize("output_stride, expected", [
+    (32, {1: 16}), (16, {1: 14, 2: 2}), (8, {1: 8, 2: 6, 4: 2})])
+def test_dilated_convs_in_the_compiled_graph(output_stride, expected):
+  # The 3x3 convs per dilation in the traced ResNet-50 (16 in all); the first block of a newly
+  # dilated stage keeps the previous dilation, as torchvision does.
+  module = resnet.ResNet50(output_stride=output_stride)
+  x = jnp.zeros((1, 64, 64, 3))
+  variables = _variables(module)
+  jaxpr = jax.make_jaxpr(lambda v: module.apply(v, x, train=False))(variables)
+  seen = {}
+  for eqn in jaxpr.jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated" and eqn.invars[1].aval.shape[0] == 3:
+      d = eqn.params["rhs_dilation"][0]
+      seen[d] = seen.get(d, 0) + 1
+  assert seen == expected
+
+
+def test_parameter_names_are_the_documented_contract():
+  flat = traverse_util.flatten_dict(_variables(resnet.ResNet50())["params"], sep="/")
+  for path, shape in {
+      "stem/conv/kernel": (7, 7, 3, 64), "stem/bn/scale": (64,),
+      "stage1/block0/conv1/conv/kernel": (1, 1, 64, 64),
+      "stage1/block0/downsample/conv/kernel": (1, 1, 64, 256),
+      "stage2/block0/conv2/conv/kernel": (3, 3, 128, 128),
+      "stage4/block2/conv3/bn/bias": (2048,)}.items():
+    assert flat[path].shape == shape, path
+  assert "stage2/block1/downsample/conv/kernel" not in flat
+  assert len([p for p in flat if p.startswith("stage3/block") and p.endswith("conv1/conv/kernel")]) == 6
+
+
+def test_bf16_compute_keeps_fp32_params():
+  module = resnet.ResNet(stage_sizes=(1, 1, 1, 1), width=8, dtype=jnp.bfloat16)
+  features, variables = module.init_with_output(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                 train=False)
+  assert features["stage4"].dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+
+
+def test_unknown_backbone_lists_choices():
+  with pytest.raises(JaxsegError, match="valid choices: resnet101, resnet50"):
+    get_backbone("resnet18")

@@ -1,0 +1,126 @@
+"""The jitted train step: 1 vs 8 devices, non-finite steps, the data boundary, batch checks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg.data import pipeline
+from jaxseg.errors import JaxsegError
+from jaxseg.models import create_model
+from jaxseg.train import segmentation, sharding
+from tests import helpers
+
+
+def _setup(devices, **overrides):
+  config = helpers.tiny_config(**overrides)
+  mesh = sharding.make_mesh(devices)
+  model = create_model("deeplabv3plus", num_classes=5, backbone=config.model.backbone,
+                       **segmentation.model_kwargs(config))
+  state, state_sharding, schedule = segmentation.create_train_state(
+      config, model, mesh, (32, 32, 3), config.train.steps)
+  train_step, eval_step = segmentation.jit_steps(config, mesh, state_sharding, schedule, 5, 255)
+  return mesh, state, train_step, eval_step
+
+
+def _batch(seed=0, n=8):
+  rng = np.random.default_rng(seed)
+  label = rng.integers(0, 5, (n, 32, 32)).astype(np.uint8)
+  label[:, :4] = 255  # some ignored pixels
+  return {"image": rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8), "label": label}
+
+
+def test_one_step_on_8_devices_equals_1_device():
+  assert jax.device_count() == 8
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    # SGD: updates are linear in the gradients, so reduction-order noise stays small (Adam's
+    # first step is ~lr * sign(g), which flips for near-zero gradients).
+    mesh, state, train_step, _ = _setup(devices, **{"optim.name": "sgd",
+                                                    "optim.learning_rate": 0.1})
+    state, out = train_step(state, sharding.put_batch(_batch(), mesh))
+    assert len(state.params["classifier"]["kernel"].sharding.device_set) == len(devices)
+    results.append(jax.device_get((out, state.params, state.batch_stats)))
+  (out1, params1, stats1), (out8, params8, stats8) = results
+  np.testing.assert_allclose(out1["loss"], out8["loss"], rtol=1e-5)
+  np.testing.assert_allclose(out1["grad_norm"], out8["grad_norm"], rtol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               params1, params8)
+  # Synchronised BN: the 8-device running statistics are those of the global batch.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               stats1, stats8)
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), params1,
+                       jax.device_get(_setup(jax.devices()[:1])[1].params))
+  assert max(jax.tree.leaves(moved)) > 0  # the step really changed the parameters
+
+
+@pytest.mark.parametrize("poison", ["classifier", "stem"])
+def test_nonfinite_step_changes_nothing(poison):
+  mesh, state, train_step, _ = _setup(jax.devices())
+  # A non-finite weight in the classifier gives NaN logits; in the stem it also makes the
+  # BatchNorm batch statistics NaN, which optax.apply_if_finite would not stop.
+  params = jax.tree.map(np.array, jax.device_get(state.params))  # writable copies
+  if poison == "classifier":
+    params["classifier"]["kernel"][0, 0] = np.inf
+  else:
+    params["backbone"]["stem"]["conv"]["kernel"][0, 0, 0, 0] = np.nan
+  state = state.replace(params=jax.device_put(params, sharding.replicated(mesh)))
+  before = jax.device_get((state.params, state.opt_state, state.batch_stats, state.rng))
+  state, out = train_step(state, sharding.put_batch(_batch(), mesh))
+  after = jax.device_get((state.params, state.opt_state, state.batch_stats, state.rng))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), before, after)
+  assert not out["finite"] and int(state.step) == 1
+  assert int(state.nonfinite_streak) == 1 and int(state.nonfinite_total) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(after[2]))
+
+
+def test_finite_step_resets_streak_and_updates_everything():
+  mesh, state, train_step, _ = _setup(jax.devices())
+  state = state.replace(nonfinite_streak=jnp.int32(3))
+  before = jax.device_get((state.params, state.batch_stats, state.rng))
+  state, out = train_step(state, sharding.put_batch(_batch(), mesh))
+  after = jax.device_get((state.params, state.batch_stats, state.rng))
+  assert out["finite"] and int(state.nonfinite_streak) == 0
+  for a, b in zip(before, after):
+    assert any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_training_stops_after_consecutive_nonfinite_steps(tmp_path):
+  config = helpers.tiny_config(steps=30, **{"optim.learning_rate": 1e30, "optim.clip_norm": 0.0,
+                                            "optim.name": "sgd", "train.checkpoint_every": 100})
+  config.train.max_nonfinite_steps = 3
+  with pytest.raises(FloatingPointError, match=r"3 consecutive steps with a non-finite loss"):
+    segmentation.train_and_evaluate(config, str(tmp_path))
+  rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert sum('"nonfinite_step": 1' in r for r in rows) == 3
+
+
+def test_eval_step_counts_only_real_examples():
+  mesh, state, _, eval_step = _setup(jax.devices())
+  batch = _batch()
+  batch["mask"] = np.array([True] * 3 + [False] * 5)
+  confusion, predictions = eval_step(state, sharding.put_batch(batch, mesh))
+  confusion = np.asarray(confusion)
+  assert confusion.sum() == 3 * 28 * 32  # 3 real examples, 4 of 32 rows ignored
+  labels, preds = batch["label"][:3], np.asarray(predictions)[:3]
+  valid = labels != 255
+  expected = np.zeros((5, 5), np.int64)
+  np.add.at(expected, (labels[valid], preds[valid]), 1)
+  np.testing.assert_array_equal(confusion, expected)
+
+
+def test_labels_outside_class_range_rejected_at_data_boundary():
+  check = pipeline.ValidateLabels(5, 255, "SyntheticShapes(...)")
+  ok = {"image": np.zeros((4, 4, 3), np.uint8), "label": np.array([[0, 4, 255, 1]] * 4, np.uint8)}
+  assert check.map(ok) is ok
+  bad = dict(ok, label=np.array([[0, 5, 7, 255]] * 4, np.uint8), name="frames/0001.png")
+  with pytest.raises(JaxsegError, match=r"frames/0001.png: label values \[5, 7\] are outside 0..4"):
+    check.map(bad)
+
+
+def test_batch_not_divisible_by_devices_says_what_to_change():
+  mesh = sharding.make_mesh()
+  assert sharding.check_batch_size(16, mesh) == 16
+  with pytest.raises(JaxsegError, match=r"batch_size=12 is not divisible by the 8 devices.*"
+                                        r"multiple of 8 \(e.g. 8 or 16\)"):
+    sharding.check_batch_size(12, mesh)
