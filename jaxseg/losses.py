@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxseg.errors import JaxsegError
+
 Array = jax.Array
 
 
@@ -143,15 +145,15 @@ def make_loss(spec: Mapping[str, float], *, ignore_index: int = 255,
   dict are unweighted, for logging.
   """
   unknown = sorted(set(spec) - set(LOSSES))
+  spec = {name: weight for name, weight in spec.items() if weight}  # weight 0: not computed
   if unknown or not spec:
-    raise ValueError(f"unknown or empty loss spec {sorted(spec)}; valid names: {sorted(LOSSES)}")
+    raise JaxsegError(f"unknown or empty loss spec {sorted(unknown or spec)} (train.loss); "
+                      f"valid names: {sorted(LOSSES)}")
   kwargs = {
       "ce": dict(class_weights=class_weights),
       "dice": dict(class_weights=class_weights),
       "focal": dict(alpha=class_weights),
   }
-  spec = dict(spec)
-
   def loss_fn(logits_bhwk, labels_bhw):
     parts = {name: LOSSES[name](logits_bhwk, labels_bhw, ignore_index=ignore_index, **kwargs[name])
              for name in spec}

@@ -43,7 +43,8 @@ def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
   fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
   if title:
     fig.suptitle(title)
-  fig.tight_layout(rect=(0, 0.6 / (2.5 * n + 0.8), 1, 1))
+  height = 2.5 * n + 0.8
+  fig.tight_layout(rect=(0, 0.6 / height, 1, 1 - (0.35 / height if title else 0)))
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path

@@ -143,14 +143,15 @@ def test_objects_stand_out_from_the_background(rendered):
 
 
 def test_repr_is_stable_and_made_of_constructor_args():
-  ds = SyntheticShapes("val", image_size=(32, 48), num_examples=4, seed=7, max_objects=3)
+  ds = SyntheticShapes("val", image_size=(32, 48), num_examples=4, seed=7, max_objects=3,
+                       preset="hard")
   expected = ("SyntheticShapes(split='val', image_size=(32, 48), num_examples=4, seed=7, "
-              "max_objects=3)")
+              "max_objects=3, preset='hard')")
   assert repr(ds) == expected
   ds[0]
   assert repr(ds) == expected  # reading does not change it
   assert repr(SyntheticShapes("val", image_size=(32, 48), num_examples=4, seed=7,
-                              max_objects=3)) == expected
+                              max_objects=3, preset="hard")) == expected
 
 
 def test_grain_map_dataset_and_data_loader():
@@ -173,3 +174,23 @@ def test_errors():
   for bad in (3, -1):
     with pytest.raises(IndexError):
       ds[bad]
+
+
+def test_presets_default_is_upright_hard_is_rotated():
+  upright = SyntheticShapes("train", image_size=64)
+  rotated = SyntheticShapes("train", image_size=64, preset="hard")
+
+  def rectangle_edges_axis_aligned(ds):
+    aligned = []
+    for i in range(40):
+      for cls, poly in ds._render(i)[2]:
+        if cls == 2:  # rectangle: every edge horizontal or vertical when upright
+          d = np.diff(np.vstack([poly, poly[:1]]), axis=0)
+          aligned.append(bool(np.all(np.isclose(d, 0, atol=1e-6).any(axis=1))))
+    return aligned
+
+  assert all(rectangle_edges_axis_aligned(upright))
+  assert not any(rectangle_edges_axis_aligned(rotated))
+  assert upright.max_objects == 3 and rotated.max_objects == 4
+  with pytest.raises(ValueError, match="valid presets: default, hard"):
+    SyntheticShapes("train", preset="easy")

@@ -11,16 +11,16 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = "synthetic"
   config.data.data_dir = ""  # root of a dataset on disk; unused by the synthetic one
-  config.data.image_size = 96  # training (and synthetic val) resolution, square
+  config.data.image_size = 64  # training (and synthetic val) resolution, square
   config.data.seed = 0  # dataset generation seed (synthetic)
   config.data.val_split = "val"
   config.data.worker_count = 0  # grain worker processes; 0 decodes in the main process
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 200
+  config.train.steps = 360
   config.train.batch_size = 8  # global, over all devices and processes
   config.train.eval_batch_size = 0  # 0: same as batch_size
-  config.train.checkpoint_every = 50
+  config.train.checkpoint_every = 100
   config.train.keep_checkpoints = 2
   config.train.log_every = 10
   config.train.eval_every = 0  # 0: evaluate at the end only
@@ -28,11 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.num_prediction_images = 6  # rows of predictions.png
   config.train.seed = 0
   config.train.max_nonfinite_steps = 5  # stop after this many consecutive skipped steps
-  config.train.loss = ml_collections.ConfigDict({"ce": 1.0})  # e.g. {"ce": 1, "dice": 1}
+  # Weights of the loss terms (ce, dice, focal); Dice counters the background's share of pixels.
+  config.train.loss = ml_collections.ConfigDict({"ce": 1.0, "dice": 1.0, "focal": 0.0})
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"  # or "sgd"
-  config.optim.learning_rate = 1e-3
+  config.optim.learning_rate = 2e-3
   config.optim.schedule = "poly"  # DeepLab's (1 - t/T)^0.9, or "cosine", "constant"
   config.optim.warmup_steps = 10
   config.optim.power = 0.9

@@ -52,10 +52,11 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
             save_root_metadata=False),
-        item_names=("state", "data", "identity"),
+        item_names=("state", "data", "identity", "progress"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.PyGrainCheckpointHandler(),
-                       "identity": ocp.JsonCheckpointHandler()})
+                       "identity": ocp.JsonCheckpointHandler(),
+                       "progress": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -81,17 +82,25 @@ class Checkpointer:
           f"checkpoint's config (it was left untouched)")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """The state at `step` (shardings taken from `abstract_state`); sets the iterator position."""
+    """(state, progress) at `step`; shardings come from `abstract_state`, and the data
+    iterator is moved to the saved position. `progress` is the dict given to `save`."""
     self.check_identity(step)
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    args = {"state": ocp.args.StandardRestore(abstract_state),
+            "progress": ocp.args.JsonRestore()}
     if data_iterator is not None:
       args["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    return restored["state"], dict(restored["progress"] or {})
 
-  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
-    """Starts an asynchronous save; returns whether a save was started."""
+  def save(self, step: int, state, data_iterator=None, *, progress: dict | None = None,
+           force: bool = False) -> bool:
+    """Starts an asynchronous save; returns whether a save was started.
+
+    `progress` is small JSON run bookkeeping (e.g. training seconds so far).
+    """
     args = {"state": ocp.args.StandardSave(state),
-            "identity": ocp.args.JsonSave(self.identity)}
+            "identity": ocp.args.JsonSave(self.identity),
+            "progress": ocp.args.JsonSave(progress or {})}
     if data_iterator is not None:
       args["data"] = grain.PyGrainCheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
     saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)

@@ -138,9 +138,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
                       keep=config.train.keep_checkpoints)
   data_iter = iter(loader)
-  start = 0
+  start, earlier = 0, {}
   if (latest := ckpt.latest_step()) is not None:
-    state = ckpt.restore(latest, state, data_iter)
+    state, earlier = ckpt.restore(latest, state, data_iter)
     start = int(jax.device_get(state.step))
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
 
@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   def run_eval(step):
     confusion, kept = evaluate(eval_step, state, val_source, mesh, eval_batch, num_classes,
-                               validate, config.train.num_eval_examples,
+                               validate, config.train.num_eval_examples or None,
                                keep=config.train.num_prediction_images)
     summary = metrics.summarize(confusion)
     writer.write(step, {**train_rows.pop(step, {}),
@@ -166,9 +166,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                            ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")}})
     return summary, kept
 
+  def progress_record(step):
+    """Run bookkeeping saved with each checkpoint, so that a resumed run reports totals."""
+    elapsed = time.perf_counter() - t_start
+    record = {"train_seconds": earlier.get("train_seconds", 0.0) + elapsed,
+              "images_per_second": earlier.get("images_per_second", 0.0)}
+    if step - start > 1 and compile_seconds is not None:
+      record["images_per_second"] = (step - start - 1) * config.train.batch_size / max(
+          elapsed - compile_seconds, 1e-9)
+    return record
+
   progress = Progress(steps, start, config.train.batch_size)
   t_start, compile_seconds, pending, bad_steps = time.perf_counter(), None, None, []
-  t_first = None
 
   def drain(step, out):
     """Host-side bookkeeping of a finished step (one step behind: no device sync stall)."""
@@ -183,8 +192,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       writer.write(step, {"nonfinite_step": 1, "loss": out["loss"]})
       if out["nonfinite_streak"] >= config.train.max_nonfinite_steps:
         raise FloatingPointError(
-            f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive steps with a "
-            f"non-finite loss or gradient (limit train.max_nonfinite_steps="
+            f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive steps "
+            f"with a non-finite loss or gradient (limit train.max_nonfinite_steps="
             f"{config.train.max_nonfinite_steps}); lower optim.learning_rate or check the data")
     progress.update(step, float(out["loss"]), float(out["learning_rate"]))
     row = {k: v for k, v in out.items() if k not in ("finite", "nonfinite_streak")}
@@ -197,15 +206,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     for step in range(start + 1, steps + 1):
       batch = sharding.put_batch(next(data_iter), mesh)
       state, out = train_step(state, batch)
-      if t_first is None:
-        t_first = step
       if pending is not None:
         drain(*pending)
       pending = (step, out)
       if step % config.train.checkpoint_every == 0 or step == steps:
         drain(*pending)
         pending = None
-        ckpt.save(step, state, data_iter, force=step == steps)
+        ckpt.save(step, state, data_iter, force=step == steps, progress=progress_record(step))
       if is_eval_step(step) and step != steps:
         if pending is not None:
           drain(*pending)
@@ -218,7 +225,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     progress.close()
     final_step = int(jax.device_get(state.step))
     if ckpt.latest_step() != final_step:
-      ckpt.save(final_step, state, data_iter, force=True)
+      ckpt.save(final_step, state, data_iter, force=True, progress=progress_record(final_step))
     summary, kept = run_eval(final_step)
   finally:
     ckpt.wait()
@@ -227,6 +234,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   trained = max(steps - start, 0)
   timed = max(train_seconds - (compile_seconds or 0.0), 1e-9)
+  # Throughput after the first (compiling) step of this run; a run that only re-evaluates
+  # keeps the figure of the run that trained.
+  images_per_second = (round((trained - 1) * config.train.batch_size / timed, 3) if trained > 1
+                       else earlier.get("images_per_second", 0.0))
   result = {
       "miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
       "mean_dice": summary["mean_dice"], "mean_accuracy": summary["mean_accuracy"],
@@ -234,10 +245,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "precision": summary["precision"], "recall": summary["recall"],
       "class_names": list(train_source.class_names),
       "steps": final_step, "steps_this_run": trained, "resumed_from": start,
-      "train_seconds": round(train_seconds, 2),
+      # Wall time of the training loops of every run that built this checkpoint (compile
+      # included, evaluation excluded).
+      "train_seconds": round(earlier.get("train_seconds", 0.0) + train_seconds, 2),
       "compile_seconds": round(compile_seconds or 0.0, 2),
-      # Throughput after the first (compiling) step of this run.
-      "images_per_second": round(max(trained - 1, 0) * config.train.batch_size / timed, 3),
+      "images_per_second": images_per_second,
       "model": config.model.name, "backbone": config.model.backbone,
       "dataset": config.data.name, "image_size": list(image_shape[:2]),
       "num_params": num_params, "dtype": jnp.dtype(dtype).name,
