@@ -1,0 +1,16 @@
+"""jaxseg: semantic segmentation in JAX/Flax.
+
+    from jaxseg import models, losses, metrics
+    model = models.create_model("deeplabv3plus", num_classes=19, backbone="resnet101")
+
+Training: `jaxseg.train.segmentation.train_and_evaluate(config, workdir)`.
+"""
+
+from jaxseg import backbones, data, losses, metrics, models
+from jaxseg.errors import JaxsegError
+from jaxseg.models import create_model
+
+__version__ = "0.1.0"
+
+__all__ = ["backbones", "data", "losses", "metrics", "models", "create_model", "JaxsegError",
+           "__version__"]

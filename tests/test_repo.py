@@ -34,3 +34,11 @@ def test_shared_config_keys_in_readme_exist_with_their_defaults():
   assert len(rows) >= 7
   for section, key, default in rows:
     assert str(config[section][key]) == default.strip(), f"{section}.{key}"
+
+
+def test_readme_library_example_runs():
+  code = re.search(r"## Using the library.*?```python\n(.+?)```", README, re.S).group(1)
+  scope = {}
+  exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["logits"].shape == (2, 128, 128, 19)
+  assert scope["loss"].dtype == "float32" and 0 <= scope["summary"]["miou"] <= 1
