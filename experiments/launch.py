@@ -73,7 +73,7 @@ def run(main: Callable[[], None]) -> None:
                  ", ".join(sorted({d.device_kind for d in jax.devices()})))
     try:
       main()
-    except JaxsegError as e:
+    except (JaxsegError, FloatingPointError) as e:  # bad input, or training diverged
       sys.exit(f"error: {e}")
 
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

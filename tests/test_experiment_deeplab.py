@@ -44,7 +44,7 @@ def test_two_steps_end_to_end_writes_every_output(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--backbone=resnet18"], "error: unknown --backbone='resnet18'; valid choices: resnet101, "
-                              "resnet50"),
+                              "resnet50, xception"),
     (["--dataset=imagenet"], "error: unknown --dataset='imagenet'; valid choices: synthetic"),
     (["--config.train.stepz=3"], "error: unknown config key --config.train.stepz; valid keys "
                                  "under train: batch_size,"),

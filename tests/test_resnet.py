@@ -97,5 +97,5 @@ def test_bf16_compute_keeps_fp32_params():
 
 
 def test_unknown_backbone_lists_choices():
-  with pytest.raises(JaxsegError, match="valid choices: resnet101, resnet50"):
+  with pytest.raises(JaxsegError, match="valid choices: resnet101, resnet50, xception"):
     get_backbone("resnet18")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from jaxseg.backbones import resnet
+from jaxseg.backbones import resnet, xception
 from jaxseg.backbones.resnet import ResNet, ResNet50, ResNet101
+from jaxseg.backbones.xception import Xception
 from jaxseg.errors import JaxsegError
 
 # name -> module factory; every factory accepts output_stride=, dtype= and returns a
@@ -11,6 +12,7 @@ from jaxseg.errors import JaxsegError
 BACKBONES = {
     "resnet50": ResNet50,
     "resnet101": ResNet101,
+    "xception": Xception,
 }
 
 
@@ -21,4 +23,5 @@ def get_backbone(name: str):
   return BACKBONES[name]
 
 
-__all__ = ["BACKBONES", "get_backbone", "resnet", "ResNet", "ResNet50", "ResNet101"]
+__all__ = ["BACKBONES", "get_backbone", "resnet", "xception", "ResNet", "ResNet50", "ResNet101",
+           "Xception"]

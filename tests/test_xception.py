@@ -1,0 +1,41 @@
+"""Xception laid out as keras.applications.Xception: parameter count, strides, names."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import traverse_util
+
+from jaxseg.backbones import get_backbone
+from jaxseg.models import create_model
+
+
+def _init(module, size):
+  return jax.eval_shape(lambda: module.init_with_output(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+
+
+def test_parameter_count_matches_keras():
+  # keras.applications.Xception(include_top=False).count_params(): weights + BN moving stats.
+  _, variables = _init(get_backbone("xception")(), 299)
+  assert sum(x.size for x in jax.tree.leaves(variables)) == 20_861_480
+
+
+@pytest.mark.parametrize("output_stride, last", [(32, 10), (16, 19), (8, 37)])
+def test_output_stride_keeps_keras_shapes_and_dilates(output_stride, last):
+  features, variables = _init(get_backbone("xception")(output_stride=output_stride), 299)
+  # Keras at 299x299: 147 after block1, 74 after block2, 37, 19, 10 at the exit.
+  assert features["stem"].shape == (1, 147, 147, 64)
+  assert features["stage1"].shape == (1, 74, 74, 128)
+  assert features["stage4"].shape == (1, last, last, 2048)
+  flat = traverse_util.flatten_dict(variables["params"], sep="/")
+  assert flat["block1_conv1/kernel"].shape == (3, 3, 3, 32)
+  assert flat["block2_sepconv1/depthwise/kernel"].shape == (3, 3, 1, 64)
+  assert flat["block2_sepconv1/pointwise/kernel"].shape == (1, 1, 64, 128)
+  assert flat["conv2d_3/kernel"].shape == (1, 1, 728, 1024)  # Keras's fourth projection
+  assert flat["block14_sepconv2_bn/scale"].shape == (2048,)
+
+
+def test_deeplab_on_xception():
+  model = create_model("deeplabv3plus", num_classes=3, backbone="xception", separable=True)
+  logits, _ = _init(model, 65)
+  assert logits.shape == (1, 65, 65, 3)
