@@ -17,10 +17,12 @@ from jaxseg.backbones import BACKBONES
 from jaxseg.data import DATASETS
 from jaxseg.train import segmentation
 
-_BACKBONE = flags.DEFINE_string("backbone", "resnet101",
-                                f"Encoder: one of {', '.join(sorted(BACKBONES))}.")
-_DATASET = flags.DEFINE_string("dataset", "synthetic",
-                               f"Dataset: one of {', '.join(sorted(DATASETS))}.")
+_BACKBONE = flags.DEFINE_string(
+    "backbone", None, f"Encoder: one of {', '.join(sorted(BACKBONES))} (default: the config's, "
+    "resnet101).")
+_DATASET = flags.DEFINE_string(
+    "dataset", None, f"Dataset: one of {', '.join(sorted(DATASETS))} (default: the config's, "
+    "synthetic).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Root of the dataset on disk.")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Output directory (default runs/deeplab_BACKBONE_DATASET).")
@@ -30,8 +32,10 @@ _CONFIG = launch.define_config("config", deeplab_config.get_config(),
 
 def main():
   config = _CONFIG.value
-  config.model.backbone = launch.choose(_BACKBONE.value, BACKBONES, "backbone")
-  config.data.name = launch.choose(_DATASET.value, DATASETS, "dataset")
+  # The selector flags win over --config.model.backbone / --config.data.name when given.
+  config.model.backbone = launch.choose(_BACKBONE.value or config.model.backbone, BACKBONES,
+                                        "backbone")
+  config.data.name = launch.choose(_DATASET.value or config.data.name, DATASETS, "dataset")
   if _DATA_DIR.value:
     config.data.data_dir = _DATA_DIR.value
   workdir = _WORKDIR.value or f"runs/deeplab_{config.model.backbone}_{config.data.name}"

@@ -56,7 +56,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_sigkill_during_async_save_then_resume_is_exact(uninterrupted, tmp_path):
-  killed = _run(tmp_path, env={"JAXSEG_TEST_KILL_AFTER_SAVE_STEP": "4"})
+  killed = _run(tmp_path, env={"TRAIN_TINY_KILL_AFTER_SAVE_STEP": "4"})
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   names = sorted(os.listdir(tmp_path / "checkpoints"))
   complete = ocp.CheckpointManager(tmp_path / "checkpoints").latest_step()
@@ -66,13 +66,18 @@ def test_sigkill_during_async_save_then_resume_is_exact(uninterrupted, tmp_path)
   if complete == 2:
     assert any(n.startswith("4") and "tmp" in n for n in names) or "4" not in names, names
 
+  # Whatever the race gave, also plant the leftovers of a save killed later on (a temporary
+  # step directory with a higher number): it must be ignored, not restored.
+  planted = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234"
+  (planted / "state").mkdir(parents=True)
   resumed = _run(tmp_path)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   summary = json.loads(resumed.stdout.strip().splitlines()[-1])
   assert summary["resumed_from"] == complete and summary["steps"] == STEPS
 
   a, b = _params(uninterrupted), _params(tmp_path)
-  for x, y in zip(jax_leaves(a), jax_leaves(b)):
+  assert jax_structure(a) == jax_structure(b)
+  for x, y in zip(jax_leaves(a), jax_leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)  # params, optimizer state, BN statistics, RNG, step
   # Same batches in the same order: identical losses step by step, no duplicated rows.
   assert _losses(tmp_path) == _losses(uninterrupted)
@@ -83,6 +88,16 @@ def jax_leaves(tree):
   return jax.tree.leaves(tree)
 
 
+def jax_structure(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.structure(tree)
+
+
+def test_keeps_the_last_k_checkpoints(uninterrupted):
+  steps = sorted(int(n) for n in os.listdir(uninterrupted / "checkpoints") if n.isdigit())
+  assert steps == [4, 6]  # every 2 steps, train.keep_checkpoints = 2
+
+
 def test_rerun_of_a_finished_run_resumes_without_training(uninterrupted):
   before = _tree_digest(uninterrupted / "checkpoints")
   again = _run(uninterrupted)
@@ -90,6 +105,9 @@ def test_rerun_of_a_finished_run_resumes_without_training(uninterrupted):
   summary = json.loads(again.stdout.strip().splitlines()[-1])
   assert summary["steps_this_run"] == 0 and summary["resumed_from"] == STEPS
   assert _tree_digest(uninterrupted / "checkpoints") == before
+  steps = [json.loads(r)["step"] for r in
+           (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+  assert steps == sorted(set(steps)) == list(range(1, STEPS + 1))  # one row per step
 
 
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(uninterrupted):
@@ -97,6 +115,12 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(uninterrupted
   config = helpers.tiny_config(steps=STEPS)
   config.model.aspp_features = 24  # same names, other shapes
   with pytest.raises(JaxsegError, match=r"parameter \S+ has shape .* in the checkpoint"):
+    segmentation.train_and_evaluate(config, str(uninterrupted))
+  config = helpers.tiny_config(steps=STEPS, **{"optim.name": "sgd"})
+  with pytest.raises(JaxsegError, match=r"written with another optimizer state"):
+    segmentation.train_and_evaluate(config, str(uninterrupted))
+  config = helpers.tiny_config(steps=STEPS, **{"data.image_size": 40})
+  with pytest.raises(JaxsegError, match=r"written with another training data"):
     segmentation.train_and_evaluate(config, str(uninterrupted))
   config = helpers.tiny_config(steps=STEPS)
   config.model.backbone = "resnet50"

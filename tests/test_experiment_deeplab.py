@@ -52,6 +52,11 @@ def test_two_steps_end_to_end_writes_every_output(tmp_path):
                                        "choices: auto, float32, bfloat16"),
     (["--config.train.batch_size=3"], "error: --config.train.batch_size=3 is not divisible by "
                                       "the 2 devices"),
+    (["--config.train.checkpoint_every=0"], "error: --config.train.checkpoint_every=0 must be at "
+                                            "least 1"),
+    (["--config.model.output_stride=4", "--backbone=resnet50", "--config.data.image_size=32"],
+     "error: output_stride must be 8, 16 or 32, got 4"),
+    (["--config.data.preset=easy"], "error: unknown preset 'easy'; valid presets: default, hard"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
   result = _deeplab(*args, f"--workdir={tmp_path}")

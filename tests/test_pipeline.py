@@ -28,6 +28,19 @@ def test_loader_is_seeded_and_restores_position_exactly():
   assert not np.array_equal(next(other)["image"], first[0])
 
 
+def test_eval_batches_split_disjointly_over_processes():
+  source = get_dataset("synthetic", "val", image_size=16, num_examples=5)
+  seen = []
+  for p in range(2):
+    batches = list(pipeline.eval_batches(source, 2, process_index=p, process_count=2))
+    assert len(batches) == 2  # same count on every process
+    for b in batches:
+      for image, real in zip(b["image"], b["mask"]):
+        if real:
+          seen.append(next(i for i in range(5) if np.array_equal(source[i]["image"], image)))
+  assert sorted(seen) == [0, 1, 2, 3, 4]
+
+
 def test_eval_batches_pad_and_mask():
   source = get_dataset("synthetic", "val", image_size=16, num_examples=5)
   batches = list(pipeline.eval_batches(source, 4))
@@ -54,7 +67,7 @@ class _BadLabels:
 def test_bad_label_stops_the_loader_with_a_clear_error():
   loader = pipeline.train_loader(_BadLabels(), batch_size=8, seed=0,
                                  operations=[pipeline.ValidateLabels(3, 255, "_BadLabels()")])
-  with pytest.raises(Exception, match=r"_BadLabels\(\): label values \[9\] are outside 0..2"):
+  with pytest.raises(JaxsegError, match=r"_BadLabels\(\): label values \[9\] are outside 0..2"):
     next(iter(loader))
   with pytest.raises(JaxsegError, match="label values"):
     list(pipeline.eval_batches(_BadLabels(), 4, validate=pipeline.ValidateLabels(3)))

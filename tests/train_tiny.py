@@ -4,13 +4,30 @@ A separate process so that tests can kill it (SIGKILL mid-save) and start it aga
 """
 
 import json
+import os
+import signal
 import sys
 
-from jaxseg.train import segmentation
+from jaxseg.train import checkpoint, segmentation
 from tests import helpers
+
+# Fault injection: SIGKILL this process right after the asynchronous save of this step was
+# issued, i.e. while Orbax is still writing it in the background.
+KILL_AFTER_SAVE = os.environ.get("TRAIN_TINY_KILL_AFTER_SAVE_STEP")
+
+
+def _save_then_maybe_die(save):
+  def wrapped(self, step, *args, **kwargs):
+    saved = save(self, step, *args, **kwargs)
+    if saved and str(step) == KILL_AFTER_SAVE:
+      os.kill(os.getpid(), signal.SIGKILL)
+    return saved
+  return wrapped
 
 
 def main(argv):
+  if KILL_AFTER_SAVE:
+    checkpoint.Checkpointer.save = _save_then_maybe_die(checkpoint.Checkpointer.save)
   workdir, steps, overrides = argv[1], int(argv[2]), dict(a.split("=", 1) for a in argv[3:])
   config = helpers.tiny_config(steps=steps)
   for key, value in overrides.items():

@@ -13,6 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""  # root of a dataset on disk; unused by the synthetic one
   config.data.image_size = 64  # training (and synthetic val) resolution, square
   config.data.seed = 0  # dataset generation seed (synthetic)
+  config.data.preset = "default"  # synthetic only: "default" or "hard" (see data/synthetic.py)
   config.data.val_split = "val"
   config.data.worker_count = 0  # grain worker processes; 0 decodes in the main process
 

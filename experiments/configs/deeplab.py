@@ -1,6 +1,7 @@
-"""DeepLabV3+ on the synthetic shapes (the main job).
+"""python -m experiments.deeplab --backbone=resnet101
 
-    python -m experiments.deeplab --backbone=resnet101
+DeepLabV3+ on the synthetic shapes (the main job). More:
+
     python -m experiments.deeplab --backbone=resnet50 --config.train.steps=400 \
         --config.model.output_stride=8 --workdir=runs/r50_os8
 

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.layers import ConvBNAct
+from jaxseg.errors import JaxsegError
 
 Dtype = Any
 
@@ -82,7 +83,7 @@ def stage_plan(stage_sizes: Sequence[int], output_stride: int = 32,
   dilation * multi_grid[j] (DeepLabV3 Sec. 3.2: rates 2 * (1, 2, 4) at output stride 16).
   """
   if output_stride not in (8, 16, 32):
-    raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    raise JaxsegError(f"output_stride must be 8, 16 or 32, got {output_stride}")
   plan, reduction, dilation = [], 4, 1  # the stem reduces by 4 (conv s2 + max-pool s2)
   for s, n in enumerate(stage_sizes):
     strides = 1 if s == 0 else 2
@@ -93,7 +94,7 @@ def stage_plan(stage_sizes: Sequence[int], output_stride: int = 32,
       reduction *= strides
     if multi_grid is not None and s == len(stage_sizes) - 1:
       if len(multi_grid) != n:
-        raise ValueError(f"multi_grid {tuple(multi_grid)} needs one rate per block of the "
+        raise JaxsegError(f"multi_grid {tuple(multi_grid)} needs one rate per block of the "
                          f"last stage ({n})")
       dilations = tuple(dilation * g for g in multi_grid)
     else:

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.layers import batch_norm, conv_kernel_init
+from jaxseg.errors import JaxsegError
 
 Dtype = Any
 KERAS_BN_EPSILON = 1e-3
@@ -55,7 +56,7 @@ class Xception(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool):
     if self.output_stride not in (8, 16, 32):
-      raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
+      raise JaxsegError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
     bn = batch_norm(train, self.dtype, momentum=0.99, epsilon=KERAS_BN_EPSILON)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
                              dtype=self.dtype)

@@ -10,9 +10,11 @@ from jaxseg.data.synthetic import SyntheticShapes
 from jaxseg.errors import JaxsegError
 
 
-def _synthetic(split: str, *, image_size, seed: int = 0, data_dir=None, num_examples=None):
+def _synthetic(split: str, *, image_size, seed: int = 0, data_dir=None, num_examples=None,
+               preset: str = "default"):
   del data_dir  # generated, nothing to read
-  return SyntheticShapes(split, image_size=image_size, seed=seed, num_examples=num_examples)
+  return SyntheticShapes(split, image_size=image_size, seed=seed, num_examples=num_examples,
+                         preset=preset)
 
 
 # name -> factory(split, *, image_size, seed, data_dir, num_examples)

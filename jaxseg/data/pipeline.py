@@ -49,17 +49,25 @@ def train_loader(source, *, batch_size: int, seed: int, operations: Sequence = (
 
 
 def eval_batches(source, batch_size: int, num_examples: int | None = None,
-                 validate: ValidateLabels | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """Every example once, in order; the last batch is padded and `mask` marks real examples."""
+                 validate: ValidateLabels | None = None, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Every example once over all processes, in order; padding is marked by `mask` = False.
+
+  Process p reads examples p, p + P, p + 2P, ... in `batch_size` (its share of the global
+  batch) chunks; every process yields the same number of batches, as a collective step needs.
+  """
   n = len(source) if num_examples is None else min(num_examples, len(source))
   if n == 0:
     raise JaxsegError(f"{source!r} has no examples to evaluate")
-  for start in range(0, n, batch_size):
-    examples = [source[i] for i in range(start, min(start + batch_size, n))]
+  mine = list(range(process_index, n, process_count))
+  per_process = -(-n // process_count)
+  for start in range(0, per_process, batch_size):
+    examples = [source[i] for i in mine[start:start + batch_size]]
     if validate is not None:
       examples = [validate.map(e) for e in examples]
     mask = np.zeros(batch_size, bool)
     mask[:len(examples)] = True
-    examples += [examples[-1]] * (batch_size - len(examples))
+    # Padding repeats a real example (example 0 where this process ran out first); masked out.
+    examples += [examples[-1] if examples else source[0]] * (batch_size - len(examples))
     yield {"image": np.stack([e["image"] for e in examples]),
            "label": np.stack([e["label"] for e in examples]), "mask": mask}

@@ -20,6 +20,8 @@ import operator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jaxseg.errors import JaxsegError
+
 # split name -> (id mixed into the seed, default length). Train is effectively unbounded.
 _SPLITS = {"train": (0, 100_000), "val": (1, 64), "test": (2, 64)}
 
@@ -126,19 +128,19 @@ class SyntheticShapes:
                num_examples: int | None = None, seed: int = 0, max_objects: int | None = None,
                preset: str = "default"):
     if preset not in PRESETS:
-      raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+      raise JaxsegError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     self.preset = preset
     self._p = PRESETS[preset]
     max_objects = self._p["objects"] if max_objects is None else max_objects
     if split not in _SPLITS:
-      raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(_SPLITS)}")
+      raise JaxsegError(f"unknown split {split!r}; valid splits: {', '.join(_SPLITS)}")
     if isinstance(image_size, int):
       image_size = (image_size, image_size)
     self.image_size = tuple(int(s) for s in image_size)
     if len(self.image_size) != 2 or min(self.image_size) < 8:
-      raise ValueError(f"image_size must be an int or (height, width), each >= 8; got {image_size}")
+      raise JaxsegError(f"image_size must be an int or (height, width), each >= 8; got {image_size}")
     if not 1 <= max_objects <= 254:  # instance ids 1..max_objects live in a uint8 map
-      raise ValueError(f"max_objects must be in [1, 254]; got {max_objects}")
+      raise JaxsegError(f"max_objects must be in [1, 254]; got {max_objects}")
     self.split = split
     self._split_id, default_len = _SPLITS[split]
     self.num_examples = default_len if num_examples is None else int(num_examples)

@@ -9,6 +9,7 @@ complete step restores.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -19,8 +20,6 @@ from flax import traverse_util
 
 from jaxseg.errors import JaxsegError
 
-# Fault injection for tests: SIGKILL this process right after issuing the save of this step.
-_KILL_AFTER_SAVE_ENV = "JAXSEG_TEST_KILL_AFTER_SAVE_STEP"
 
 
 def param_shapes(params) -> dict[str, list[int]]:
@@ -28,6 +27,21 @@ def param_shapes(params) -> dict[str, list[int]]:
   flat = traverse_util.flatten_dict(jax.tree.map(lambda x: list(x.shape), params,
                                                  is_leaf=lambda x: hasattr(x, "shape")), sep="/")
   return dict(sorted(flat.items()))
+
+
+def _short(value, limit: int = 120) -> str:
+  text = str(value)
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def tree_signature(tree) -> str:
+  """Optimizer-state identity: its state types (readable) and a digest of structure + shapes."""
+  shapes = jax.tree.map(lambda x: tuple(getattr(x, "shape", ())), tree)
+  digest = hashlib.sha1((str(jax.tree.structure(tree)) + str(jax.tree.leaves(shapes))).encode())
+  nodes = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "_fields"))
+  names = [type(n).__name__ for n in nodes if hasattr(n, "_fields")]
+  names = [n for n in dict.fromkeys(names) if n != "EmptyState"]
+  return f"{'+'.join(names) or 'stateless'} [{digest.hexdigest()[:10]}]"
 
 
 class _IteratorSnapshot:
@@ -80,6 +94,14 @@ class Checkpointer:
           f"{self.directory} (step {step}): parameter {path} has shape {old.get(path)} in the "
           f"checkpoint but {new.get(path)} in this model; use another --workdir or the "
           f"checkpoint's config (it was left untouched)")
+    for key, what in (("opt_state", "optimizer state (optim.* settings)"),
+                      ("train_data", "training data (data.* settings)"),
+                      ("global_batch_size", "global batch size (train.batch_size)")):
+      if key in mine and saved.get(key) != mine[key]:
+        raise JaxsegError(
+            f"{self.directory} (step {step}) was written with another {what}: "
+            f"{_short(saved.get(key))} there, {_short(mine[key])} now; resume with the same "
+            f"settings, or use another --workdir (it was left untouched)")
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """(state, progress) at `step`; shardings come from `abstract_state`, and the data
@@ -89,7 +111,12 @@ class Checkpointer:
             "progress": ocp.args.JsonRestore()}
     if data_iterator is not None:
       args["data"] = grain.PyGrainCheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except (ValueError, KeyError, TypeError) as e:  # Orbax/grain mismatch: one line, no traceback
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise JaxsegError(f"{self.directory} (step {step}) does not match this run: {first}; use "
+                        f"the checkpoint's settings or another --workdir") from e
     return restored["state"], dict(restored["progress"] or {})
 
   def save(self, step: int, state, data_iterator=None, *, progress: dict | None = None,
@@ -103,10 +130,7 @@ class Checkpointer:
             "progress": ocp.args.JsonSave(progress or {})}
     if data_iterator is not None:
       args["data"] = grain.PyGrainCheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
-    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
-    if saved and os.environ.get(_KILL_AFTER_SAVE_ENV) == str(step):
-      os.kill(os.getpid(), 9)  # mid-save crash, for the resume tests
-    return saved
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -29,6 +29,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0):
     self.active = jax.process_index() == 0
+    self.resume_step = resume_step
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if not self.active:
@@ -36,7 +37,9 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # purge_step: TensorBoard drops events after the checkpoint we resume from, as we do above.
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                             purge_step=resume_step + 1 if resume_step else None)
 
   def _truncate_after(self, step: int) -> None:
     """Drops rows logged after the checkpoint we resume from: they will be logged again."""
@@ -52,7 +55,8 @@ class MetricWriter:
       os.replace(tmp, self.path)  # atomic: a crash here never loses the old rows
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    if not self.active:
+    """Appends a row; rows up to the resumed step exist already (a finished run re-evaluated)."""
+    if not self.active or step <= self.resume_step:
       return
     row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
     with open(self.path, "a") as f:

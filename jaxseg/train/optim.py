@@ -40,7 +40,7 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, weight_decay: float =
                    momentum: float = 0.9, nesterov: bool = False, b1: float = 0.9,
                    b2: float = 0.999, clip_norm: float | None = None
                    ) -> optax.GradientTransformation:
-  """SGD with momentum (L2 via decoupled decay on kernels) or AdamW, after global-norm clipping."""
+  """SGD with momentum (L2 on kernels, added to the gradient) or AdamW, after clipping."""
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
   if name == "sgd":
     if weight_decay:

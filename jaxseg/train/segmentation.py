@@ -22,7 +22,7 @@ from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
 from jaxseg.train import optim, sharding
-from jaxseg.train.checkpoint import Checkpointer, param_shapes
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, tree_signature
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.train.state import TrainState
 from jaxseg.train.steps import make_eval_step, make_train_step
@@ -94,11 +94,14 @@ def evaluate(eval_step, state, source, mesh, batch_size, num_classes, validate,
   confusion = np.zeros((num_classes, num_classes), np.int64)
   kept = {"image": [], "label": [], "prediction": []}
   local = batch_size // jax.process_count()
-  for batch in pipeline.eval_batches(source, local, num_examples, validate):
+  for batch in pipeline.eval_batches(source, local, num_examples, validate,
+                                     jax.process_index(), jax.process_count()):
     cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
     confusion += np.asarray(jax.device_get(cm), np.int64)
     if len(kept["image"]) < keep:
-      predictions = np.asarray(jax.device_get(predictions))
+      # This process's rows only: the global array spans every host's batch.
+      shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
+      predictions = np.concatenate([np.asarray(s.data) for s in shards])
       for i in np.flatnonzero(batch["mask"])[:keep - len(kept["image"])]:
         kept["image"].append(batch["image"][i])
         kept["label"].append(batch["label"][i])
@@ -116,9 +119,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
   dtype = compute_dtype(config.model.dtype)
   steps = config.train.steps
+  for key in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+    if config.train[key] < 1:
+      raise JaxsegError(f"--config.train.{key}={config.train[key]} must be at least 1")
 
   data_kwargs = dict(image_size=config.data.image_size, seed=config.data.seed,
                      data_dir=config.data.data_dir or None)
+  if config.data.name == "synthetic":
+    data_kwargs["preset"] = config.data.preset
   train_source = get_dataset(config.data.name, "train", **data_kwargs)
   val_source = get_dataset(config.data.name, config.data.val_split, **data_kwargs)
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
@@ -134,7 +142,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
   identity = {"model": config.model.name, "backbone": config.model.backbone,
-              "num_classes": num_classes, "params": param_shapes(state.params)}
+              "num_classes": num_classes, "params": param_shapes(state.params),
+              "opt_state": tree_signature(state.opt_state), "train_data": repr(train_source),
+              "global_batch_size": config.train.batch_size}
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
                       keep=config.train.keep_checkpoints)
   data_iter = iter(loader)
@@ -156,11 +166,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   train_rows = {}  # the train scalars of eval steps, written together with the eval scalars
 
+  eval_seconds = 0.0
+
   def run_eval(step):
+    nonlocal eval_seconds
+    t = time.perf_counter()
     confusion, kept = evaluate(eval_step, state, val_source, mesh, eval_batch, num_classes,
                                validate, config.train.num_eval_examples or None,
                                keep=config.train.num_prediction_images)
     summary = metrics.summarize(confusion)
+    eval_seconds += time.perf_counter() - t
     writer.write(step, {**train_rows.pop(step, {}),
                         **{f"eval/{k}": summary[k] for k in
                            ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")}})
@@ -168,7 +183,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   def progress_record(step):
     """Run bookkeeping saved with each checkpoint, so that a resumed run reports totals."""
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - t_start - eval_seconds
     record = {"train_seconds": earlier.get("train_seconds", 0.0) + elapsed,
               "images_per_second": earlier.get("images_per_second", 0.0)}
     if step - start > 1 and compile_seconds is not None:
@@ -185,21 +200,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     out = jax.device_get(out)
     if compile_seconds is None:
       compile_seconds = time.perf_counter() - t_start
+    row = {k: v for k, v in out.items() if k not in ("finite", "nonfinite_streak")}
     if not out["finite"]:
       bad_steps.append(step)
       progress.write(f"step {step}: non-finite loss or gradient ({out['loss']}); update skipped "
                      f"({int(out['nonfinite_streak'])} in a row)")
-      writer.write(step, {"nonfinite_step": 1, "loss": out["loss"]})
+      row["nonfinite_step"] = 1
+      if not is_eval_step(step):
+        writer.write(step, row)  # always logged, with its step number
       if out["nonfinite_streak"] >= config.train.max_nonfinite_steps:
         raise FloatingPointError(
             f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive steps "
             f"with a non-finite loss or gradient (limit train.max_nonfinite_steps="
             f"{config.train.max_nonfinite_steps}); lower optim.learning_rate or check the data")
     progress.update(step, float(out["loss"]), float(out["learning_rate"]))
-    row = {k: v for k, v in out.items() if k not in ("finite", "nonfinite_streak")}
     if is_eval_step(step):
       train_rows[step] = row
-    elif step % config.train.log_every == 0:
+    elif step % config.train.log_every == 0 and out["finite"]:
       writer.write(step, row)
 
   try:
@@ -218,10 +235,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           drain(*pending)
           pending = None
         summary, _ = run_eval(step)
-        progress.write(f"step {step}: val mIoU {summary['miou']:.4f}")
+        progress.write(f"step {step}: val mIoU {summary['miou']}")
     if pending is not None:
       drain(*pending)
-    train_seconds = time.perf_counter() - t_start
+    train_seconds = time.perf_counter() - t_start - eval_seconds
     progress.close()
     final_step = int(jax.device_get(state.step))
     if ckpt.latest_step() != final_step:
@@ -267,7 +284,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           np.stack(kept["label"]), np.stack(kept["prediction"]),
           train_source.class_names, train_source.palette, ignore_index=ignore,
           title=f"{config.model.name} {config.model.backbone} on {config.data.name} "
-                f"(val mIoU {summary['miou']:.3f})")
+                f"(val mIoU {summary['miou'] if summary['miou'] is None else round(summary['miou'], 3)})")
     logging.info("Per-class results:\n%s",
                  metrics.class_table(summary, train_source.class_names))
   return result
