@@ -43,6 +43,8 @@ class ConvBNAct(nn.Module):
   act: Callable | None = nn.relu
   dtype: Dtype = jnp.float32
   bn_scale_init: Callable = nn.initializers.ones
+  use_bias: bool = False  # Keras-trained networks have conv biases in front of their BN
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -52,8 +54,10 @@ class ConvBNAct(nn.Module):
     pad = self.dilation * (k - 1) // 2
     x = nn.Conv(self.features, (k, k), strides=self.strides, padding=[(pad, pad)] * 2,
                 kernel_dilation=self.dilation, feature_group_count=self.groups,
-                use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv")(x)
-    x = batch_norm(train, self.dtype, scale_init=self.bn_scale_init)(name="bn")(x)
+                use_bias=self.use_bias, kernel_init=conv_kernel_init, dtype=self.dtype,
+                name="conv")(x)
+    x = batch_norm(train, self.dtype, epsilon=self.bn_epsilon,
+                   scale_init=self.bn_scale_init)(name="bn")(x)
     return self.act(x) if self.act is not None else x
 
 

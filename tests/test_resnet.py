@@ -102,3 +102,26 @@ def test_unknown_backbone_lists_choices():
     get_backbone("resnet18")
   assert f"valid choices: {', '.join(sorted(BACKBONES))}" in str(error.value)
   assert {"resnet50", "resnet101", "xception"} <= set(BACKBONES)
+
+
+# keras.applications.ResNet50/101(include_top=False).count_params(): weights, biases and BN
+# moving statistics; that is torchvision's count + one bias per conv + the BN statistics.
+@pytest.mark.parametrize("factory, expected", [(resnet.ResNet50, 23_587_712),
+                                               (resnet.ResNet101, 42_658_176)])
+def test_keras_style_matches_keras_count(factory, expected):
+  variables = _variables(factory(style="keras"))
+  assert _count(variables) == expected
+
+
+@pytest.mark.parametrize("style, strided", [("torchvision", {(7, 7), (3, 3), (1, 1)}),
+                                           ("keras", {(7, 7), (1, 1)})])
+def test_style_decides_which_conv_strides(style, strided):
+  # Kernel sizes of the stride-2 convs: the stem, the projection shortcut (1x1) and the
+  # bottleneck conv that strides: the 3x3 in torchvision's v1.5, the first 1x1 in Keras's v1.
+  module = resnet.ResNet(stage_sizes=(1, 1, 1, 1), width=8, style=style)
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = _variables(module, 32)
+  jaxpr = jax.make_jaxpr(lambda v: module.apply(v, x, train=False))(variables)
+  kernels = {tuple(e.invars[1].aval.shape[:2]) for e in jaxpr.jaxpr.eqns
+             if e.primitive.name == "conv_general_dilated" and e.params["window_strides"] == (2, 2)}
+  assert kernels == strided

@@ -29,6 +29,12 @@ Dtype = Any
 
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; outputs are 4x these
 
+# "torchvision": v1.5, stride on the 3x3, no conv biases, BN eps 1e-5.
+# "keras": keras.applications.ResNet50/101 (v1), stride on the first 1x1, conv biases,
+# BN eps 1.001e-5; needed for Keras ImageNet weights to give the same features.
+STYLES = {"torchvision": dict(stride_on_1x1=False, use_bias=False, bn_epsilon=1e-5),
+          "keras": dict(stride_on_1x1=True, use_bias=True, bn_epsilon=1.001e-5)}
+
 
 class Bottleneck(nn.Module):
   """1x1 reduce -> 3x3 (strided, dilated) -> 1x1 expand, plus identity or projection."""
@@ -37,19 +43,23 @@ class Bottleneck(nn.Module):
   strides: int = 1
   dilation: int = 1
   zero_init_last: bool = True
+  style: str = "torchvision"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(ConvBNAct, dtype=self.dtype)
+    style = STYLES[self.style]
+    conv = functools.partial(ConvBNAct, dtype=self.dtype, use_bias=style["use_bias"],
+                             bn_epsilon=style["bn_epsilon"])
     out_features = self.width * 4
-    y = conv(self.width, 1, name="conv1")(x, train=train)
-    y = conv(self.width, 3, self.strides, self.dilation, name="conv2")(y, train=train)
+    s1, s3 = (self.strides, 1) if style["stride_on_1x1"] else (1, self.strides)
+    y = conv(self.width, 1, s1, name="conv1")(x, train=train)
+    y = conv(self.width, 3, s3, self.dilation, name="conv2")(y, train=train)
     # The last BN starts at zero so every residual block begins as the identity: deep
     # ResNets trained from scratch converge much faster (Goyal et al. 2017).
-    y = ConvBNAct(out_features, 1, act=None, dtype=self.dtype,
-                  bn_scale_init=nn.initializers.zeros if self.zero_init_last
-                  else nn.initializers.ones, name="conv3")(y, train=train)
+    y = conv(out_features, 1, act=None,
+             bn_scale_init=nn.initializers.zeros if self.zero_init_last
+             else nn.initializers.ones, name="conv3")(y, train=train)
     if x.shape[-1] != out_features or self.strides != 1:
       x = conv(out_features, 1, self.strides, act=None, name="downsample")(x, train=train)
     return nn.relu(x + y)
@@ -63,13 +73,15 @@ class ResNetStage(nn.Module):
   strides: int
   dilations: Sequence[int]
   zero_init_last: bool = True
+  style: str = "torchvision"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     for j in range(self.num_blocks):
       x = Bottleneck(self.width, self.strides if j == 0 else 1, self.dilations[j],
-                     self.zero_init_last, self.dtype, name=f"block{j}")(x, train=train)
+                     self.zero_init_last, self.style, self.dtype, name=f"block{j}")(
+                         x, train=train)
     return x
 
 
@@ -122,18 +134,23 @@ class ResNet(nn.Module):
   output_stride: int = 32
   multi_grid: Sequence[int] | None = None
   zero_init_last: bool = True
+  style: str = "torchvision"  # or "keras" (see STYLES)
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    if self.style not in STYLES:
+      raise JaxsegError(f"unknown ResNet style {self.style!r}; valid: {', '.join(STYLES)}")
     x = jnp.asarray(x, self.dtype)
-    x = ConvBNAct(self.width, 7, 2, dtype=self.dtype, name="stem")(x, train=train)
+    x = ConvBNAct(self.width, 7, 2, dtype=self.dtype, use_bias=STYLES[self.style]["use_bias"],
+                  bn_epsilon=STYLES[self.style]["bn_epsilon"], name="stem")(x, train=train)
     features = {"stem": x}  # stride 2, before the max-pool (U-Net decoders use it as a skip)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     plan = stage_plan(self.stage_sizes, self.output_stride, self.multi_grid)
     for s, (strides, dilations, _) in enumerate(plan):
-      x = ResNetStage(self.stage_sizes[s], STAGE_WIDTHS[s] * self.width // 64, strides, dilations,
-                      self.zero_init_last, self.dtype, name=f"stage{s + 1}")(x, train=train)
+      x = ResNetStage(self.stage_sizes[s], STAGE_WIDTHS[s] * self.width // 64, strides,
+                      dilations, self.zero_init_last, self.style, self.dtype,
+                      name=f"stage{s + 1}")(x, train=train)
       features[f"stage{s + 1}"] = x
     return features
 
