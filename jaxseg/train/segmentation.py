@@ -73,6 +73,11 @@ def create_train_state(config, model, mesh, image_shape, steps: int):
   return state, state_sharding, schedule
 
 
+def _fmt(value) -> str:
+  """A score for titles and logs; None (nothing to score) stays readable."""
+  return "n/a" if value is None else f"{value:.3f}"
+
+
 def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index):
   """The train and eval steps, compiled once for the mesh; the train state is donated."""
   preprocess = make_normalize()
@@ -192,7 +197,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     return record
 
   progress = Progress(steps, start, config.train.batch_size)
-  t_start, compile_seconds, pending, bad_steps = time.perf_counter(), None, None, []
+  t_start, compile_seconds, pending = time.perf_counter(), None, None
 
   def drain(step, out):
     """Host-side bookkeeping of a finished step (one step behind: no device sync stall)."""
@@ -202,7 +207,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       compile_seconds = time.perf_counter() - t_start
     row = {k: v for k, v in out.items() if k not in ("finite", "nonfinite_streak")}
     if not out["finite"]:
-      bad_steps.append(step)
       progress.write(f"step {step}: non-finite loss or gradient ({out['loss']}); update skipped "
                      f"({int(out['nonfinite_streak'])} in a row)")
       row["nonfinite_step"] = 1
@@ -235,7 +239,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           drain(*pending)
           pending = None
         summary, _ = run_eval(step)
-        progress.write(f"step {step}: val mIoU {summary['miou']}")
+        progress.write(f"step {step}: val mIoU {_fmt(summary['miou'])}")
     if pending is not None:
       drain(*pending)
     train_seconds = time.perf_counter() - t_start - eval_seconds
@@ -284,7 +288,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           np.stack(kept["label"]), np.stack(kept["prediction"]),
           train_source.class_names, train_source.palette, ignore_index=ignore,
           title=f"{config.model.name} {config.model.backbone} on {config.data.name} "
-                f"(val mIoU {summary['miou'] if summary['miou'] is None else round(summary['miou'], 3)})")
+                f"(val mIoU {_fmt(summary['miou'])})")
     logging.info("Per-class results:\n%s",
                  metrics.class_table(summary, train_source.class_names))
   return result
