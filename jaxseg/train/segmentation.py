@@ -242,11 +242,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         progress.write(f"step {step}: val mIoU {_fmt(summary['miou'])}")
     if pending is not None:
       drain(*pending)
-    train_seconds = time.perf_counter() - t_start - eval_seconds
     progress.close()
     final_step = int(jax.device_get(state.step))
-    if ckpt.latest_step() != final_step:
-      ckpt.save(final_step, state, data_iter, force=True, progress=progress_record(final_step))
+    # The loop saved the last step already (or, resumed at the end, had nothing to train).
+    totals = progress_record(final_step)
     summary, kept = run_eval(final_step)
   finally:
     ckpt.wait()
@@ -254,11 +253,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.close()
 
   trained = max(steps - start, 0)
-  timed = max(train_seconds - (compile_seconds or 0.0), 1e-9)
-  # Throughput after the first (compiling) step of this run; a run that only re-evaluates
-  # keeps the figure of the run that trained.
-  images_per_second = (round((trained - 1) * config.train.batch_size / timed, 3) if trained > 1
-                       else earlier.get("images_per_second", 0.0))
   result = {
       "miou": summary["miou"], "pixel_accuracy": summary["pixel_accuracy"],
       "mean_dice": summary["mean_dice"], "mean_accuracy": summary["mean_accuracy"],
@@ -268,9 +262,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "steps": final_step, "steps_this_run": trained, "resumed_from": start,
       # Wall time of the training loops of every run that built this checkpoint (compile
       # included, evaluation excluded).
-      "train_seconds": round(earlier.get("train_seconds", 0.0) + train_seconds, 2),
+      "train_seconds": round(totals["train_seconds"], 2),
       "compile_seconds": round(compile_seconds or 0.0, 2),
-      "images_per_second": images_per_second,
+      # After the first (compiling) step of this run; a run that only re-evaluates keeps the
+      # figure of the run that trained.
+      "images_per_second": round(totals["images_per_second"], 3),
       "model": config.model.name, "backbone": config.model.backbone,
       "dataset": config.data.name, "image_size": list(image_shape[:2]),
       "num_params": num_params, "dtype": jnp.dtype(dtype).name,
