@@ -69,15 +69,16 @@ class SeparableConvBNAct(nn.Module):
   strides: int = 1
   dilation: int = 1
   act: Callable | None = nn.relu
+  bn_epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    x = ConvBNAct(x.shape[-1], self.kernel_size, self.strides, self.dilation,
-                  groups=x.shape[-1], act=self.act, dtype=self.dtype, name="depthwise")(
-                      x, train=train)
-    return ConvBNAct(self.features, 1, act=self.act, dtype=self.dtype, name="pointwise")(
-        x, train=train)
+    conv = functools.partial(ConvBNAct, act=self.act, bn_epsilon=self.bn_epsilon,
+                             dtype=self.dtype)
+    x = conv(x.shape[-1], self.kernel_size, self.strides, self.dilation, groups=x.shape[-1],
+             name="depthwise")(x, train=train)
+    return conv(self.features, 1, name="pointwise")(x, train=train)
 
 
 def resize_bilinear(x_bhwc: jax.Array, size: Sequence[int]) -> jax.Array:

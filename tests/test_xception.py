@@ -39,3 +39,26 @@ def test_deeplab_on_xception():
   model = create_model("deeplabv3plus", num_classes=3, backbone="xception", separable=True)
   logits, _ = _init(model, 65)
   assert logits.shape == (1, 65, 65, 3)
+
+
+def test_xception65_parameter_count_matches_timm():
+  # timm xception65: 39.92M with its 1000-class classifier (2048 * 1000 + 1000).
+  _, variables = _init(get_backbone("xception65")(), 299)
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) + 2048 * 1000 + 1000 == (
+      39_916_312)
+  flat = traverse_util.flatten_dict(variables["params"], sep="/")
+  convs = [k for k in flat if k.endswith("kernel") and "shortcut" not in k]
+  assert len(convs) == 2 + 21 * 3 * 2  # stem + (depthwise + pointwise) x 3 per block: 65 layers
+  assert flat["block0/sepconv3/depthwise/conv/kernel"].shape == (3, 3, 1, 128)
+  assert flat["block19/shortcut/conv/kernel"].shape == (1, 1, 728, 1024)
+  assert flat["block20/sepconv3/pointwise/bn/scale"].shape == (2048,)
+
+
+@pytest.mark.parametrize("output_stride, sizes", [
+    (32, (150, 75, 38, 19, 10)), (16, (150, 75, 38, 19, 19)), (8, (150, 75, 38, 38, 38))])
+def test_xception65_taps_the_inputs_of_its_strided_convs(output_stride, sizes):
+  features, _ = _init(get_backbone("xception65")(output_stride=output_stride), 299)
+  channels = (128, 256, 728, 1024, 2048)  # timm's feature_info for xception65
+  names = ("stem", "stage1", "stage2", "stage3", "stage4")
+  assert {k: features[k].shape for k in names} == {
+      k: (1, s, s, c) for k, s, c in zip(names, sizes, channels)}

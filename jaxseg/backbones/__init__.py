@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jaxseg.backbones import resnet, xception
 from jaxseg.backbones.resnet import ResNet, ResNet50, ResNet101
-from jaxseg.backbones.xception import Xception
+from jaxseg.backbones.xception import Xception, Xception65
 from jaxseg.errors import JaxsegError
 
 # name -> module factory; every factory accepts output_stride=, dtype= and returns a
@@ -13,6 +13,7 @@ BACKBONES = {
     "resnet50": ResNet50,
     "resnet101": ResNet101,
     "xception": Xception,
+    "xception65": Xception65,
 }
 
 
@@ -24,4 +25,4 @@ def get_backbone(name: str):
 
 
 __all__ = ["BACKBONES", "get_backbone", "resnet", "xception", "ResNet", "ResNet50", "ResNet101",
-           "Xception"]
+           "Xception", "Xception65"]
