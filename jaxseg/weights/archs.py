@@ -44,6 +44,7 @@ class Arch:
   """
 
   source: str  # "keras" or "torch"
+  name: str  # --arch
   backbone: str
   kwargs: dict
   preprocessing: str
@@ -137,20 +138,18 @@ def torch_xception65(module):
 _KERAS_TOP = r"(predictions|fc\d*|probs)/.*"  # the ImageNet classifier, when saved with it
 _TORCH_TOP = r"(fc|head\.fc|classifier|last_linear)\.(weight|bias)|.*\.num_batches_tracked"
 
-ARCHS = {
-    ("keras", "resnet50"): Arch("keras", "resnet50", {"style": "keras"}, "caffe", keras_resnet,
-                                _KERAS_TOP),
-    ("keras", "resnet101"): Arch("keras", "resnet101", {"style": "keras"}, "caffe",
-                                 keras_resnet, _KERAS_TOP),
-    ("keras", "xception"): Arch("keras", "xception", {}, "tf", keras_xception, _KERAS_TOP,
-                                renumber=("conv2d", "batch_normalization")),
-    ("torch", "resnet50"): Arch("torch", "resnet50", {}, "torch", torch_resnet, _TORCH_TOP),
-    ("torch", "resnet101"): Arch("torch", "resnet101", {}, "torch", torch_resnet, _TORCH_TOP),
-    ("torch", "xception65"): Arch("torch", "xception65", {}, "tf", torch_xception65, _TORCH_TOP),
-    ("torch", "legacy_xception"): Arch("torch", "xception",
-                                       {"pool_padding": "torch", "bn_epsilon": 1e-5}, "tf",
-                                       torch_legacy_xception, _TORCH_TOP),
-}
+ARCHS = {(a.source, a.name): a for a in (
+    Arch("keras", "resnet50", "resnet50", {"style": "keras"}, "caffe", keras_resnet, _KERAS_TOP),
+    Arch("keras", "resnet101", "resnet101", {"style": "keras"}, "caffe", keras_resnet,
+         _KERAS_TOP),
+    Arch("keras", "xception", "xception", {}, "tf", keras_xception, _KERAS_TOP,
+         renumber=("conv2d", "batch_normalization")),
+    Arch("torch", "resnet50", "resnet50", {}, "torch", torch_resnet, _TORCH_TOP),
+    Arch("torch", "resnet101", "resnet101", {}, "torch", torch_resnet, _TORCH_TOP),
+    Arch("torch", "xception65", "xception65", {}, "tf", torch_xception65, _TORCH_TOP),
+    Arch("torch", "legacy_xception", "xception", {"pool_padding": "torch", "bn_epsilon": 1e-5},
+         "tf", torch_legacy_xception, _TORCH_TOP),
+)}
 
 
 def get_arch(source: str, arch: str) -> Arch:

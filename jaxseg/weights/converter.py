@@ -86,7 +86,7 @@ def map_tensors(arch: Arch, tensors: dict[str, np.ndarray], path: str,
       name = "/".join(full_path)
       if key not in tensors:
         raise JaxsegError(f"{path}: no tensor {key!r} (for jaxseg {name}); is this a "
-                          f"{arch.source} {arch.backbone} file (--arch)?")
+                          f"{arch.source} {arch.name} file (--arch)?")
       array = _to_jax_layout(arch, key, np.asarray(tensors[key]))
       if array.shape != leaf.shape:
         raise JaxsegError(f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, "

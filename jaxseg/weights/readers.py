@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import re
 import zipfile
 
@@ -44,8 +45,9 @@ def _check_hdf5_is_self_contained(path, group, prefix=""):
     link = group.get(name, getlink=True)
     where = f"{prefix}/{name}"
     if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
-      raise _fail(path, f"refused: HDF5 object {where} is a {type(link).__name__} (weight files "
-                        "must hold their own data)")
+      kind = "soft" if isinstance(link, h5py.SoftLink) else "external"
+      raise _fail(path, f"refused: HDF5 object {where} is a {kind} link (weight files must "
+                        "hold their own data)")
     item = group[name]
     if isinstance(item, h5py.Group):
       _check_hdf5_is_self_contained(path, item, where)
@@ -171,9 +173,11 @@ def _read_pth(path):
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if isinstance(e, __import__("pickle").UnpicklingError):
+    if isinstance(e, pickle.UnpicklingError):
+      culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+      what = f"it references {culprit.group(1)}" if culprit else first
       raise _fail(path, "refused by torch.load(weights_only=True): the file holds more than "
-                        f"tensors ({first})") from e
+                        f"tensors ({what})") from e
     raise _fail(path, f"cannot read as a PyTorch file ({type(e).__name__}: {first})") from e
   state = _unwrap_state_dict(path, obj)
   tensors = {}
