@@ -174,7 +174,7 @@ def _read_pth(path):
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, pickle.UnpicklingError):
-      culprit = re.search(r"unsupported global:? GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+      culprit = re.search(r"unsupported global:?(?: GLOBAL)? ([\w.]+)", str(e), re.IGNORECASE)
       what = f"it references {culprit.group(1)}" if culprit else first
       raise _fail(path, "refused by torch.load(weights_only=True): the file holds more than "
                         f"tensors ({what})") from e
