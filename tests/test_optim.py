@@ -55,3 +55,21 @@ def test_global_norm_clipping():
 def test_unknown_optimizer_lists_choices():
   with pytest.raises(JaxsegError, match="valid choices: sgd, adamw"):
     optim.make_optimizer("lamb", optax.constant_schedule(0.1))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_backbone_multiplier_and_freeze(name):
+  params = {"backbone": {"w": jnp.ones((2, 2))}, "head": {"w": jnp.ones((2, 2))}}
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+  plain = optim.make_optimizer(name, optax.constant_schedule(0.1), momentum=0.0)
+  scaled = optim.make_optimizer(name, optax.constant_schedule(0.1), momentum=0.0,
+                                backbone_multiplier=0.1, freeze_backbone_steps=2)
+  plain_state, scaled_state = plain.init(params), scaled.init(params)
+  for step in range(4):
+    u_plain, plain_state = plain.update(grads, plain_state, params)
+    u_scaled, scaled_state = scaled.update(grads, scaled_state, params)
+    np.testing.assert_array_equal(u_scaled["head"]["w"], u_plain["head"]["w"])
+    factor = 0.0 if step < 2 else 0.1  # held still for 2 updates, then a 10x lower rate
+    np.testing.assert_allclose(u_scaled["backbone"]["w"], factor * u_plain["backbone"]["w"],
+                               rtol=1e-6)
+    assert np.abs(u_plain["backbone"]["w"]).min() > 0

@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.b1 = 0.9  # adamw
   config.optim.b2 = 0.999  # adamw
   config.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+  # With a pretrained backbone (model.pretrained): its learning rate = this x optim.learning_rate,
+  # and it is held still (parameters and BN statistics) for the first freeze_backbone_steps.
+  config.optim.backbone_lr_multiplier = 1.0
+  config.optim.freeze_backbone_steps = 0
   return config
 
 

@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "deeplabv3plus"
   config.model.backbone = "resnet101"  # set by --backbone
+  # A converted ImageNet backbone (python -m jaxseg.weights.convert ... OUTPUT_DIR); its
+  # preprocessing replaces the default ImageNet mean/std.
+  config.model.pretrained = ""
   config.model.output_stride = 16
   config.model.multi_grid = common.placeholder(tuple)  # e.g. (1, 2, 4)
   config.model.aspp_features = 256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,13 +18,19 @@ MODELS = {
 
 
 def create_model(name: str, *, num_classes: int, backbone: str | None = None,
-                 dtype: Any = jnp.float32, **kwargs):
-  """Builds a registered model; the one place where config values become constructor args."""
+                 backbone_kwargs: dict | None = None, dtype: Any = jnp.float32, **kwargs):
+  """Builds a registered model; the one place where config values become constructor args.
+
+  `backbone_kwargs` fix backbone constructor arguments (e.g. a pretrained checkpoint's
+  `style="keras"`), on top of the output stride and dtype the model passes itself.
+  """
   if name not in MODELS:
     raise JaxsegError(f"unknown model {name!r}; valid choices: {', '.join(sorted(MODELS))}")
   cls, takes_backbone = MODELS[name]
   if takes_backbone:
-    kwargs["backbone"] = backbones.get_backbone(backbone or "resnet50")
+    factory = backbones.get_backbone(backbone or "resnet50")
+    kwargs["backbone"] = functools.partial(factory, **backbone_kwargs) if backbone_kwargs else (
+        factory)
   return cls(num_classes=num_classes, dtype=jnp.dtype(dtype), **kwargs)
 
 

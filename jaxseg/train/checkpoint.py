@@ -96,7 +96,8 @@ class Checkpointer:
           f"checkpoint's config (it was left untouched)")
     for key, what in (("opt_state", "optimizer state (optim.* settings)"),
                       ("train_data", "training data (data.* settings)"),
-                      ("global_batch_size", "global batch size (train.batch_size)")):
+                      ("global_batch_size", "global batch size (train.batch_size)"),
+                      ("preprocessing", "input preprocessing (model.pretrained)")):
       if key in mine and saved.get(key) != mine[key]:
         raise JaxsegError(
             f"{self.directory} (step {step}) was written with another {what}: "

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxseg import losses, metrics, visualize
+from jaxseg import losses, metrics, visualize, weights
 from jaxseg.data import get_dataset, pipeline
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
@@ -42,7 +42,7 @@ def compute_dtype(name: str):
 def model_kwargs(config) -> dict[str, Any]:
   """The model section minus the keys the loop itself consumes."""
   kwargs = config.model.to_dict()
-  for key in ("name", "backbone", "dtype"):
+  for key in ("name", "backbone", "dtype", "pretrained"):
     kwargs.pop(key, None)
   return {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()
           if v is not None}
@@ -57,7 +57,9 @@ def create_train_state(config, model, mesh, image_shape, steps: int):
   tx = optim.make_optimizer(
       config.optim.name, schedule, weight_decay=config.optim.weight_decay,
       momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-      b1=config.optim.b1, b2=config.optim.b2, clip_norm=config.optim.clip_norm)
+      b1=config.optim.b1, b2=config.optim.b2, clip_norm=config.optim.clip_norm,
+      backbone_multiplier=config.optim.backbone_lr_multiplier,
+      freeze_backbone_steps=config.optim.freeze_backbone_steps)
 
   def init(rng):
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
@@ -68,9 +70,52 @@ def create_train_state(config, model, mesh, image_shape, steps: int):
 
   rng = jax.random.key(config.train.seed)
   abstract = jax.eval_shape(init, rng)
+  if "backbone" not in abstract.params and (config.optim.backbone_lr_multiplier != 1.0 or
+                                            config.optim.freeze_backbone_steps):
+    raise JaxsegError(f"optim.backbone_lr_multiplier / optim.freeze_backbone_steps: model "
+                      f"{config.model.name} has no backbone")
   state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
   state = jax.jit(init, out_shardings=state_sharding)(rng)
   return state, state_sharding, schedule
+
+
+def load_pretrained_backbone(config):
+  """(variables, metadata) of --config.model.pretrained, or (None, None) when it is unset."""
+  directory = config.model.get("pretrained") or ""
+  if not directory:
+    return None, None
+  variables, metadata = weights.load_pretrained(directory)
+  if metadata["backbone"] != config.model.backbone:
+    raise JaxsegError(
+        f"--config.model.pretrained={directory} holds a {metadata['source']} {metadata['arch']} "
+        f"backbone (jaxseg {metadata['backbone']}) but the model's backbone is "
+        f"{config.model.backbone}; run with --backbone={metadata['backbone']}")
+  return variables, metadata
+
+
+def insert_pretrained(state, variables, state_sharding, directory: str):
+  """`state` with the backbone's parameters and BatchNorm statistics taken from `variables`.
+
+  Every path must match in presence and shape: the first that does not is named, and nothing
+  is loaded (a silent partial load would train a half-random backbone).
+  """
+  replaced = {}
+  for collection in ("params", "batch_stats"):
+    mine = param_shapes({"backbone": getattr(state, collection).get("backbone", {})})
+    theirs = param_shapes({"backbone": variables.get(collection, {})})
+    for path in sorted(set(mine) | set(theirs)):
+      if path not in theirs:
+        raise JaxsegError(f"--config.model.pretrained={directory}: {collection} {path} "
+                          f"{tuple(mine[path])} of the model is missing from the checkpoint")
+      if path not in mine:
+        raise JaxsegError(f"--config.model.pretrained={directory}: the checkpoint's "
+                          f"{collection} {path} {tuple(theirs[path])} is not in the model")
+      if mine[path] != theirs[path]:
+        raise JaxsegError(f"--config.model.pretrained={directory}: {collection} {path} has shape "
+                          f"{tuple(theirs[path])} in the checkpoint but {tuple(mine[path])} in "
+                          f"the model")
+    replaced[collection] = {**getattr(state, collection), "backbone": variables[collection]}
+  return jax.device_put(state.replace(**replaced), state_sharding)
 
 
 def _fmt(value) -> str:
@@ -78,12 +123,17 @@ def _fmt(value) -> str:
   return "n/a" if value is None else f"{value:.3f}"
 
 
-def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index):
-  """The train and eval steps, compiled once for the mesh; the train state is donated."""
-  preprocess = make_normalize()
+def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index,
+              preprocess=None):
+  """The train and eval steps, compiled once for the mesh; the train state is donated.
+
+  `preprocess` maps uint8 images to model inputs (default: ImageNet mean/std, RGB).
+  """
+  preprocess = preprocess or make_normalize()
   loss_fn = losses.make_loss(dict(config.train.loss), ignore_index=ignore_index)
   batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(loss_fn, preprocess, schedule),
+  train_step = jax.jit(make_train_step(loss_fn, preprocess, schedule,
+                                       config.optim.freeze_backbone_steps),
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, sharding.replicated(mesh)),
                        donate_argnums=0)
@@ -140,8 +190,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       train_source, batch_size=local_batch, seed=config.train.seed,
       operations=[validate], worker_count=config.data.worker_count)
 
+  pretrained, pretrained_meta = load_pretrained_backbone(config)
   model = create_model(config.model.name, num_classes=num_classes,
-                       backbone=config.model.backbone, dtype=dtype, **model_kwargs(config))
+                       backbone=config.model.backbone, dtype=dtype,
+                       backbone_kwargs=pretrained_meta and pretrained_meta["backbone_kwargs"],
+                       **model_kwargs(config))
   image_shape = tuple(np.asarray(val_source[0]["image"]).shape)
   state, state_sharding, schedule = create_train_state(config, model, mesh, image_shape, steps)
   num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
@@ -149,7 +202,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   identity = {"model": config.model.name, "backbone": config.model.backbone,
               "num_classes": num_classes, "params": param_shapes(state.params),
               "opt_state": tree_signature(state.opt_state), "train_data": repr(train_source),
-              "global_batch_size": config.train.batch_size}
+              "global_batch_size": config.train.batch_size,
+              "preprocessing": pretrained_meta["preprocessing"] if pretrained_meta else "imagenet"}
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
                       keep=config.train.keep_checkpoints)
   data_iter = iter(loader)
@@ -158,8 +212,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state, earlier = ckpt.restore(latest, state, data_iter)
     start = int(jax.device_get(state.step))
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
+  elif pretrained is not None:
+    state = insert_pretrained(state, pretrained, state_sharding, config.model.pretrained)
+    logging.info("Backbone from %s: %s %s weights (%s preprocessing)", config.model.pretrained,
+                 pretrained_meta["source"], pretrained_meta["arch"],
+                 pretrained_meta["preprocessing_name"])
 
-  train_step, eval_step = jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore)
+  train_step, eval_step = jit_steps(
+      config, mesh, state_sharding, schedule, num_classes, ignore,
+      weights.make_preprocess(pretrained_meta["preprocessing"]) if pretrained_meta else None)
 
   writer = MetricWriter(workdir, resume_step=start)
   logging.info("%s/%s, %d classes, %s params, dtype %s, %d devices, global batch %d",

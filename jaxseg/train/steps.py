@@ -16,8 +16,12 @@ def _select(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Schedule):
+def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Schedule,
+                    freeze_backbone_steps: int = 0):
   """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  For the first `freeze_backbone_steps` updates the backbone's BatchNorm running statistics stay
+  as they are, like its parameters (which the optimizer holds still, see optim.scale_backbone).
 
   `loss_fn(logits_bhwk, labels_bhw) -> (loss, components)` computes in float32. A step whose
   loss, gradients or new BatchNorm statistics are not finite changes nothing but the step
@@ -38,6 +42,11 @@ def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Sch
 
     (loss, (components, batch_stats)), grads = jax.value_and_grad(
         compute_loss, has_aux=True)(state.params)
+    if freeze_backbone_steps:
+      # Finite updates so far: the optimizer's own step count, which its freeze follows.
+      thawed = state.step - state.nonfinite_total >= freeze_backbone_steps
+      batch_stats = {**batch_stats, "backbone": _select(
+          thawed, batch_stats["backbone"], state.batch_stats["backbone"])}
     grad_norm = optax.tree.norm(grads)  # inf/NaN if any gradient entry is
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
         optax.tree.norm(batch_stats))
