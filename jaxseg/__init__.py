@@ -6,11 +6,12 @@
 Training: `jaxseg.train.segmentation.train_and_evaluate(config, workdir)`.
 """
 
-from jaxseg import backbones, data, losses, metrics, models
+from jaxseg import backbones, data, losses, metrics, models, weights
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
 
 __version__ = "0.1.0"
 
-__all__ = ["backbones", "data", "losses", "metrics", "models", "create_model", "JaxsegError",
+__all__ = ["backbones", "data", "losses", "metrics", "models", "weights", "create_model",
+           "JaxsegError",
            "__version__"]

@@ -6,7 +6,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from jaxseg import backbones, weights
+from jaxseg.weights import store
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -17,14 +23,31 @@ def _deeplab(*args, devices=2, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
+def _pretrained_resnet50(directory):
+  """A converted-checkpoint stand-in: Keras-style ResNet-50 variables + Keras metadata."""
+  module = backbones.ResNet50(style="keras")
+  variables = jax.jit(module.init, static_argnames="train")(
+      jax.random.key(3), jnp.zeros((1, 32, 32, 3)), train=False)
+  store.save_pretrained(str(directory), jax.tree.map(np.asarray, variables), {
+      "source": "keras", "arch": "resnet50", "backbone": "resnet50",
+      "backbone_kwargs": {"style": "keras"}, "preprocessing": weights.PREPROCESSING["caffe"],
+      "preprocessing_name": "caffe", "input_file": "x.h5", "input_sha256": "0" * 64})
+
+
 def test_two_steps_end_to_end_writes_every_output(tmp_path):
   workdir = tmp_path / "run"
+  _pretrained_resnet50(tmp_path / "pretrained")
   result = _deeplab("--backbone=resnet50", f"--workdir={workdir}", "--config.data.image_size=32",
                     "--config.train.steps=2", "--config.train.batch_size=2",
                     "--config.train.log_every=1", "--config.train.num_eval_examples=4",
-                    "--config.train.num_prediction_images=2")
+                    "--config.train.num_prediction_images=2",
+                    f"--config.model.pretrained={tmp_path / 'pretrained'}",
+                    "--config.optim.freeze_backbone_steps=1")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Backbone from {tmp_path / 'pretrained'}: keras resnet50 weights (caffe" in (
+      result.stderr)
   summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["pretrained"] == "keras:resnet50"
   for key in ("miou", "pixel_accuracy", "mean_dice", "per_class_iou", "steps", "train_seconds",
               "images_per_second", "backbone", "dataset", "num_params"):
     assert key in summary, key

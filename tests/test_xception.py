@@ -62,3 +62,13 @@ def test_xception65_taps_the_inputs_of_its_strided_convs(output_stride, sizes):
   names = ("stem", "stage1", "stage2", "stage3", "stage4")
   assert {k: features[k].shape for k in names} == {
       k: (1, s, s, c) for k, s, c in zip(names, sizes, channels)}
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_deeplab_on_xception65(output_stride):
+  model = create_model("deeplabv3plus", num_classes=4, backbone="xception65",
+                       output_stride=output_stride)
+  logits, variables = _init(model, 64)
+  assert logits.shape == (1, 64, 64, 4)
+  # The decoder's low-level input is block1's 256-channel stride-4 map, as in the paper.
+  assert variables["params"]["low_level"]["conv"]["kernel"].shape == (1, 1, 256, 48)

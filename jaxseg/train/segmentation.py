@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -48,8 +49,12 @@ def model_kwargs(config) -> dict[str, Any]:
           if v is not None}
 
 
-def create_train_state(config, model, mesh, image_shape, steps: int):
-  """State built with eval_shape, then materialised by jit straight into its sharding."""
+def create_train_state(config, model, mesh, image_shape, steps: int, pretrained=None):
+  """State built with eval_shape, then materialised by jit straight into its sharding.
+
+  `pretrained` backbone variables are checked against the abstract state first, so that a
+  mismatch stops the run before anything is compiled.
+  """
   schedule = optim.make_schedule(
       config.optim.schedule, config.optim.learning_rate, steps,
       warmup_steps=config.optim.warmup_steps, power=config.optim.power,
@@ -70,6 +75,8 @@ def create_train_state(config, model, mesh, image_shape, steps: int):
 
   rng = jax.random.key(config.train.seed)
   abstract = jax.eval_shape(init, rng)
+  if pretrained is not None:
+    check_pretrained(abstract, pretrained, config.model.pretrained)
   if "backbone" not in abstract.params and (config.optim.backbone_lr_multiplier != 1.0 or
                                             config.optim.freeze_backbone_steps):
     raise JaxsegError(f"optim.backbone_lr_multiplier / optim.freeze_backbone_steps: model "
@@ -93,17 +100,18 @@ def load_pretrained_backbone(config):
   return variables, metadata
 
 
-def insert_pretrained(state, variables, state_sharding, directory: str):
-  """`state` with the backbone's parameters and BatchNorm statistics taken from `variables`.
+def _natural(path: str):
+  """Sort key in network order: stage3/block6 before stage3/block10."""
+  return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
 
-  Every path must match in presence and shape: the first that does not is named, and nothing
-  is loaded (a silent partial load would train a half-random backbone).
-  """
-  replaced = {}
+
+def check_pretrained(abstract_state, variables, directory: str) -> None:
+  """Every backbone path must match in presence and shape, or one line names the first (in
+  network order) that does not: a silent partial load would train a half-random backbone."""
   for collection in ("params", "batch_stats"):
-    mine = param_shapes({"backbone": getattr(state, collection).get("backbone", {})})
+    mine = param_shapes({"backbone": getattr(abstract_state, collection).get("backbone", {})})
     theirs = param_shapes({"backbone": variables.get(collection, {})})
-    for path in sorted(set(mine) | set(theirs)):
+    for path in sorted(set(mine) | set(theirs), key=_natural):
       if path not in theirs:
         raise JaxsegError(f"--config.model.pretrained={directory}: {collection} {path} "
                           f"{tuple(mine[path])} of the model is missing from the checkpoint")
@@ -114,7 +122,13 @@ def insert_pretrained(state, variables, state_sharding, directory: str):
         raise JaxsegError(f"--config.model.pretrained={directory}: {collection} {path} has shape "
                           f"{tuple(theirs[path])} in the checkpoint but {tuple(mine[path])} in "
                           f"the model")
-    replaced[collection] = {**getattr(state, collection), "backbone": variables[collection]}
+
+
+def insert_pretrained(state, variables, state_sharding):
+  """`state` with the backbone's parameters and BatchNorm statistics taken from `variables`
+  (already checked by `check_pretrained`)."""
+  replaced = {c: {**getattr(state, c), "backbone": variables[c]}
+              for c in ("params", "batch_stats")}
   return jax.device_put(state.replace(**replaced), state_sharding)
 
 
@@ -196,7 +210,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                        backbone_kwargs=pretrained_meta and pretrained_meta["backbone_kwargs"],
                        **model_kwargs(config))
   image_shape = tuple(np.asarray(val_source[0]["image"]).shape)
-  state, state_sharding, schedule = create_train_state(config, model, mesh, image_shape, steps)
+  state, state_sharding, schedule = create_train_state(config, model, mesh, image_shape, steps,
+                                                       pretrained)
   num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
   identity = {"model": config.model.name, "backbone": config.model.backbone,
@@ -213,7 +228,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     start = int(jax.device_get(state.step))
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   elif pretrained is not None:
-    state = insert_pretrained(state, pretrained, state_sharding, config.model.pretrained)
+    state = insert_pretrained(state, pretrained, state_sharding)
     logging.info("Backbone from %s: %s %s weights (%s preprocessing)", config.model.pretrained,
                  pretrained_meta["source"], pretrained_meta["arch"],
                  pretrained_meta["preprocessing_name"])
@@ -329,6 +344,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       # figure of the run that trained.
       "images_per_second": round(totals["images_per_second"], 3),
       "model": config.model.name, "backbone": config.model.backbone,
+      "pretrained": (f"{pretrained_meta['source']}:{pretrained_meta['arch']}"
+                     if pretrained_meta else None),
       "dataset": config.data.name, "image_size": list(image_shape[:2]),
       "num_params": num_params, "dtype": jnp.dtype(dtype).name,
       "devices": mesh.devices.size, "platform": jax.default_backend(),

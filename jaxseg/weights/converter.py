@@ -134,5 +134,5 @@ def convert_file(source: str, arch_name: str, input_path: str, output_dir: str,
   log(f"mapped {metadata['num_tensors']} tensors ({counts.get('params', 0):,} parameters, "
       f"{counts.get('batch_stats', 0):,} BatchNorm statistics) onto jaxseg {arch.backbone}; "
       f"ignored {ignored} (classifier, BN counters); input {arch.preprocessing!r} "
-      f"preprocessing; wrote {os.path.abspath(output_dir)}")
+      f"preprocessing; wrote {output_dir}")
   return metadata
