@@ -162,3 +162,19 @@ def test_pretrained_directory_is_self_describing(reference, tmp_path):
   assert meta["preprocessing"] == weights.PREPROCESSING["torch" if arch.startswith("resnet")
                                                         else "tf"]
   assert {"metadata", "variables"} <= set(os.listdir(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_half_precision_files_convert_to_float32(tmp_path, fmt):
+  """Hub checkpoints are often bf16/fp16: values are widened exactly to float32."""
+  module = torch_reference.REFERENCES["resnet50"]()
+  state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+           for k, v in torch_reference.randomize_(module, seed=9).state_dict().items()}
+  path = str(tmp_path / f"half.{fmt}")
+  save_file(state, path) if fmt == "safetensors" else torch.save(state, path)
+  weights.convert_file("torch", "resnet50", path, str(tmp_path / "out"))
+  variables, _ = weights.load_pretrained(str(tmp_path / "out"))
+  kernel = variables["params"]["stage3"]["block2"]["conv2"]["conv"]["kernel"]
+  assert kernel.dtype == np.float32
+  np.testing.assert_array_equal(
+      kernel, state["layer3.2.conv2.weight"].float().numpy().transpose(2, 3, 1, 0))
