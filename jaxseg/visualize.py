@@ -48,3 +48,34 @@ def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
+
+
+def attention_grid(path: str, images: np.ndarray, maps: dict[str, np.ndarray], *,
+                   title: str | None = None) -> str:
+  """Writes a PNG with one row per example: the image, then each attention map (0..1) over it."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  n, names = len(images), list(maps)
+  fig, axes = plt.subplots(n, 1 + len(names), figsize=(2.5 * (1 + len(names)), 2.5 * n + 0.6),
+                           squeeze=False)
+  for i in range(n):
+    axes[i, 0].imshow(images[i])
+    for j, name in enumerate(names, 1):
+      h, w = images[i].shape[:2]
+      axes[i, j].imshow(images[i], alpha=0.35)
+      shown = axes[i, j].imshow(maps[name][i], cmap="magma", vmin=0.0, vmax=1.0, alpha=0.8,
+                                extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    for j, name in enumerate(["image"] + names):
+      axes[i, j].set_xticks([])
+      axes[i, j].set_yticks([])
+      if i == 0:
+        axes[i, j].set_title(name)
+  if names:
+    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="attention")
+  if title:
+    fig.suptitle(title)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path

@@ -91,6 +91,9 @@ def load_pretrained_backbone(config):
   directory = config.model.get("pretrained") or ""
   if not directory:
     return None, None
+  if not config.model.get("backbone"):
+    raise JaxsegError(f"--config.model.pretrained={directory}: model {config.model.name} has "
+                      "no backbone to load it into")
   variables, metadata = weights.load_pretrained(directory)
   if metadata["backbone"] != config.model.backbone:
     raise JaxsegError(
@@ -130,6 +133,19 @@ def insert_pretrained(state, variables, state_sharding):
   replaced = {c: {**getattr(state, c), "backbone": variables[c]}
               for c in ("params", "batch_stats")}
   return jax.device_put(state.replace(**replaced), state_sharding)
+
+
+def attention_figure(path: str, state, images, preprocess, title: str) -> str:
+  """Runs the model on `images` collecting its sown attention maps; writes them as a grid."""
+
+  @jax.jit
+  def maps(params, batch_stats, images):
+    _, sown = state.apply_fn({"params": params, "batch_stats": batch_stats}, preprocess(images),
+                             train=False, mutable=["intermediates"])
+    return {name: value["attention"][0] for name, value in sown["intermediates"].items()}
+
+  attention = jax.device_get(maps(state.params, state.batch_stats, images))
+  return visualize.attention_grid(path, images, dict(sorted(attention.items())), title=title)
 
 
 def _fmt(value) -> str:
@@ -233,9 +249,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                  pretrained_meta["source"], pretrained_meta["arch"],
                  pretrained_meta["preprocessing_name"])
 
-  train_step, eval_step = jit_steps(
-      config, mesh, state_sharding, schedule, num_classes, ignore,
-      weights.make_preprocess(pretrained_meta["preprocessing"]) if pretrained_meta else None)
+  preprocess = (weights.make_preprocess(pretrained_meta["preprocessing"]) if pretrained_meta
+                else make_normalize())
+  train_step, eval_step = jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore,
+                                    preprocess)
 
   writer = MetricWriter(workdir, resume_step=start)
   logging.info("%s/%s, %d classes, %s params, dtype %s, %d devices, global batch %d",
@@ -363,6 +380,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           train_source.class_names, train_source.palette, ignore_index=ignore,
           title=f"{config.model.name} {config.model.backbone} on {config.data.name} "
                 f"(val mIoU {_fmt(summary['miou'])})")
+    if kept["image"] and getattr(model, "attention", False):
+      attention_figure(os.path.join(workdir, "attention.png"), state, np.stack(kept["image"]),
+                       preprocess, f"{config.model.name} attention gates on {config.data.name}")
     logging.info("Per-class results:\n%s",
                  metrics.class_table(summary, train_source.class_names))
   return result

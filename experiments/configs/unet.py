@@ -1,0 +1,35 @@
+"""python -m experiments.unet --variant=attention
+
+The U-Net family on the synthetic shapes: --variant=unet (Ronneberger et al. 2015),
+attention (Oktay et al. 2018) or resnet50 (a U-Net decoder on a ResNet-50 encoder, which
+takes --config.model.pretrained). More:
+
+    python -m experiments.unet --variant=resnet50 --config.model.pretrained=pretrained/r50 \
+        --config.optim.backbone_lr_multiplier=0.1
+
+Variant-specific keys are None here and take the model's own default; setting one that the
+chosen variant does not have is an error.
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+# --variant -> registered model name.
+VARIANTS = {"unet": "unet", "attention": "attention_unet", "resnet50": "resnet50_unet"}
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = common.base_config()
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "attention_unet"  # set by --variant
+  config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU
+  # unet / attention: widths double from `features` over `depth` levels (64, 4 in the paper).
+  config.model.features = common.placeholder(int)
+  config.model.depth = common.placeholder(int)
+  config.model.batch_norm = common.placeholder(bool)  # True by default
+  # resnet50: the encoder (any registered backbone), its decoder widths, pretrained weights.
+  config.model.backbone = common.placeholder(str)  # "resnet50" for --variant=resnet50
+  config.model.decoder_features = common.placeholder(tuple)  # (256, 128, 64, 32, 16)
+  config.model.pretrained = ""
+  return config
