@@ -255,8 +255,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                     preprocess)
 
   writer = MetricWriter(workdir, resume_step=start)
-  logging.info("%s/%s, %d classes, %s params, dtype %s, %d devices, global batch %d",
-               config.model.name, config.model.backbone, num_classes, f"{num_params:,}",
+  model_label = "/".join(filter(None, (config.model.name, config.model.get("backbone"))))
+  logging.info("%s, %d classes, %s params, dtype %s, %d devices, global batch %d",
+               model_label, num_classes, f"{num_params:,}",
                jnp.dtype(dtype).name, mesh.devices.size, config.train.batch_size)
 
   def is_eval_step(step):
@@ -378,7 +379,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           os.path.join(workdir, "predictions.png"), np.stack(kept["image"]),
           np.stack(kept["label"]), np.stack(kept["prediction"]),
           train_source.class_names, train_source.palette, ignore_index=ignore,
-          title=f"{config.model.name} {config.model.backbone} on {config.data.name} "
+          title=f"{model_label} on {config.data.name} "
                 f"(val mIoU {_fmt(summary['miou'])})")
     if kept["image"] and getattr(model, "attention", False):
       attention_figure(os.path.join(workdir, "attention.png"), state, np.stack(kept["image"]),
