@@ -74,7 +74,9 @@ def test_any_input_size_gives_logits_of_that_size(name, size):
   assert logits.shape == (1, size, size, 3)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+# The U-Nets without a backbone are checked by the 1 vs 8 devices step below (every parameter
+# moves); the ResNet encoder needs its zero-initialised BN scales nudged first.
+@pytest.mark.parametrize("name", ["resnet50_unet"])
 def test_gradients_reach_every_parameter(name):
   model = create_model(name, num_classes=3, **TINY[name])
   images = jax.random.normal(jax.random.key(1), (2, 40, 40, 3))
@@ -138,7 +140,9 @@ def test_options_a_variant_does_not_have_are_refused():
 
 
 def _setup(devices, name):
-  config = helpers.tiny_config(**{"optim.name": "sgd", "optim.learning_rate": 0.1})
+  # SGD without weight decay: a parameter moves exactly when its gradient is non-zero.
+  config = helpers.tiny_config(**{"optim.name": "sgd", "optim.learning_rate": 0.1,
+                                  "optim.weight_decay": 0.0})
   config.model = ml_collections.ConfigDict({"name": name, "dtype": "float32", **TINY[name]})
   mesh = sharding.make_mesh(devices)
   model = create_model(name, num_classes=5, **segmentation.model_kwargs(config),
@@ -157,8 +161,13 @@ def test_one_step_on_8_devices_equals_1_device(name):   # its backbone; the deco
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh, state, train_step = _setup(devices, name)
+    initial = jax.device_get(state.params)
     state, out = train_step(state, sharding.put_batch(batch, mesh))
     results.append(jax.device_get((out["loss"], state.params, state.batch_stats)))
+  # The gradient reached every parameter: every leaf moved.
+  still = [jax.tree_util.keystr(p) for p, moved in jax.tree_util.tree_leaves_with_path(
+      jax.tree.map(lambda a, b: bool(np.any(a != b)), results[-1][1], initial)) if not moved]
+  assert not still
   (loss1, params1, stats1), (loss8, params8, stats8) = results
   np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
   close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
