@@ -82,5 +82,5 @@ def test_bf16_model_fp32_params_and_dropout_only_in_training():
 
 
 def test_unknown_model_lists_choices():
-  with pytest.raises(JaxsegError, match="valid choices: deeplabv3plus"):
+  with pytest.raises(JaxsegError, match="valid choices: attention_unet, deeplabv3plus, resnet50_unet, unet"):
     create_model("deeplabv4", num_classes=3)
