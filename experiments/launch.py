@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Callable, Sequence
@@ -54,6 +55,35 @@ def choose(value: str, choices: Sequence[str], flag: str) -> str:
   if value not in choices:
     raise JaxsegError(f"unknown --{flag}={value!r}; valid choices: {', '.join(sorted(choices))}")
   return value
+
+
+class DataFlags:
+  """--dataset / --data_dir / --workdir, which every segmentation experiment takes."""
+
+  def __init__(self, default_workdir: str):
+    from jaxseg.data import DATASETS  # pylint: disable=g-import-not-at-top
+    self._datasets = DATASETS
+    # Listed under the entry point in --help, like the flags it defines itself.
+    main = {"module_name": sys.argv[0]}
+    self.dataset = flags.DEFINE_string(
+        "dataset", None, f"Dataset: one of {', '.join(sorted(DATASETS))} (default: the "
+        "config's, synthetic).", **main)
+    self.data_dir = flags.DEFINE_string("data_dir", None, "Root of the dataset on disk.", **main)
+    self.workdir = flags.DEFINE_string("workdir", None,
+                                       f"Output directory (default {default_workdir}).", **main)
+
+  def apply(self, config) -> None:
+    """Writes the flags into the config (the flags win over --config.data.*)."""
+    config.data.name = choose(self.dataset.value or config.data.name, self._datasets, "dataset")
+    if self.data_dir.value:
+      config.data.data_dir = self.data_dir.value
+
+
+def report(summary: dict, workdir: str, pictures: Sequence[str] = ("predictions.png",)) -> None:
+  """The one-line JSON result and where the outputs are."""
+  keys = ("miou", "pixel_accuracy", "mean_dice", "steps", "train_seconds", "images_per_second")
+  print(json.dumps({k: summary[k] for k in keys}))
+  print(f"wrote {workdir}/summary.json, {', '.join(pictures)}, metrics.jsonl, checkpoints/")
 
 
 def run(main: Callable[[], None]) -> None:
