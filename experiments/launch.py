@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import jax
 from absl import app, flags, logging
 
-from jaxseg.errors import JaxsegError
+from jaxseg.errors import JaxsegError, first_line
 
 
 def _parse_flags(argv: Sequence[str]):
@@ -18,7 +18,7 @@ def _parse_flags(argv: Sequence[str]):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    message = first_line(e)
     sys.exit(f"error: {message}")
 
 

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from jaxseg.errors import JaxsegError
+from jaxseg.errors import JaxsegError, first_line
 
 
 
@@ -115,7 +115,7 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, TypeError) as e:  # Orbax/grain mismatch: one line, no traceback
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      first = first_line(e)
       raise JaxsegError(f"{self.directory} (step {step}) does not match this run: {first}; use "
                         f"the checkpoint's settings or another --workdir") from e
     return restored["state"], dict(restored["progress"] or {})

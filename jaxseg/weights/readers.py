@@ -22,7 +22,7 @@ import zipfile
 
 import numpy as np
 
-from jaxseg.errors import JaxsegError
+from jaxseg.errors import JaxsegError, first_line
 
 KERAS_SUFFIXES = (".h5", ".hdf5", ".keras")
 TORCH_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -134,7 +134,7 @@ def read_keras(path: str) -> dict[str, np.ndarray]:
     raise
   except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise _fail(path, f"cannot read as a Keras weights file ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})") from e
+                      f"{first_line(e)})") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _read_pth(path):
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     if isinstance(e, pickle.UnpicklingError):
       culprit = re.search(r"unsupported global:?(?: GLOBAL)? ([\w.]+)", str(e), re.IGNORECASE)
       what = f"it references {culprit.group(1)}" if culprit else first
@@ -198,7 +198,7 @@ def _read_safetensors(path):
   try:
     return dict(load_file(path))
   except (SafetensorError, OSError, ValueError, TypeError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = first_line(e)
     raise _fail(path, f"not a valid safetensors file ({first})") from e
 
 
