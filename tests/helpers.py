@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import pathlib
 
 from experiments.configs import deeplab as deeplab_config
 from jaxseg import backbones
 from jaxseg.backbones.resnet import ResNet
+
+# The real CamVid copy beside the repository (CI clones next to ../shared).
+CAMVID = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 
 # A narrow, shallow ResNet with the real block structure and parameter naming.
 TINY_RESNET = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), width=8)

@@ -1,4 +1,9 @@
-"""Checkpoints: exact resume after SIGKILL mid-save, rerun resumes, foreign workdirs refused."""
+"""Checkpoints: exact resume after SIGKILL mid-save, rerun resumes, foreign workdirs refused.
+
+The runs read the real CamVid copy (../shared/data/camvid) with random scale/crop/flip/jitter
+through two grain worker processes, so an exact resume also proves the data order and the
+augmentation draws continue where they stopped.
+"""
 
 import hashlib
 import json
@@ -18,12 +23,17 @@ from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
+CAMVID = helpers.CAMVID
+DATA = {"data.name": "camvid", "data.data_dir": str(CAMVID), "data.crop_size": (32, 32),
+        "data.worker_count": 2}
 
 
 def _run(workdir, *extra, env=None):
   env = {**os.environ, **(env or {})}
+  overrides = [f"{k}={v}" for k, v in DATA.items()]
   return subprocess.run([sys.executable, "-m", "tests.train_tiny", str(workdir), str(STEPS),
-                         *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                         *overrides, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
 
 
 def _params(workdir, step=STEPS):
@@ -112,19 +122,24 @@ def test_rerun_of_a_finished_run_resumes_without_training(uninterrupted):
 
 def test_checkpoint_of_another_model_is_refused_and_left_untouched(uninterrupted):
   before = _tree_digest(uninterrupted / "checkpoints")
-  config = helpers.tiny_config(steps=STEPS)
+  config = helpers.tiny_config(steps=STEPS, **DATA)
   config.model.aspp_features = 24  # same names, other shapes
   with pytest.raises(JaxsegError, match=r"parameter \S+ has shape .* in the checkpoint"):
     segmentation.train_and_evaluate(config, str(uninterrupted))
-  config = helpers.tiny_config(steps=STEPS, **{"optim.name": "sgd"})
+  config = helpers.tiny_config(steps=STEPS, **{**DATA, "optim.name": "sgd"})
   with pytest.raises(JaxsegError, match=r"written with another optimizer state"):
     segmentation.train_and_evaluate(config, str(uninterrupted))
-  config = helpers.tiny_config(steps=STEPS, **{"data.image_size": 40})
+  config = helpers.tiny_config(steps=STEPS, **{**DATA, "data.skip_bad_examples": True})
   with pytest.raises(JaxsegError, match=r"written with another training data"):
     segmentation.train_and_evaluate(config, str(uninterrupted))
-  config = helpers.tiny_config(steps=STEPS)
+  # The batch order depends on the number of grain workers: another count is refused.
+  config = helpers.tiny_config(steps=STEPS + 2, **{**DATA, "data.worker_count": 0})
+  with pytest.raises(JaxsegError, match=r"written with --config.data.worker_count=2 but this "
+                                        r"run has 0; .* resume with --config.data.worker_count=2"):
+    segmentation.train_and_evaluate(config, str(uninterrupted))
+  config = helpers.tiny_config(steps=STEPS, **DATA)
   config.model.backbone = "resnet50"
-  with pytest.raises(JaxsegError, match=r"holds a checkpoint of deeplabv3plus/tiny_resnet with 5 "
+  with pytest.raises(JaxsegError, match=r"holds a checkpoint of deeplabv3plus/tiny_resnet with 11 "
                                         r"classes \(step 6\), but this run builds "
                                         r"deeplabv3plus/resnet50"):
     segmentation.train_and_evaluate(config, str(uninterrupted))

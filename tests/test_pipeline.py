@@ -74,5 +74,30 @@ def test_bad_label_stops_the_loader_with_a_clear_error():
 
 
 def test_unknown_dataset_lists_choices():
-  with pytest.raises(JaxsegError, match="valid choices: synthetic"):
+  with pytest.raises(JaxsegError, match="valid choices: camvid, cityscapes, coco, synthetic"):
     get_dataset("cityscape", "train", image_size=16)
+
+
+def test_prefetch_checkpoints_the_consumed_position_not_the_read_ahead():
+  source = get_dataset("synthetic", "train", image_size=16, num_examples=40)
+  reference = iter(_loader(source))
+  expected = [next(reference)["image"] for _ in range(6)]
+  ahead = pipeline.Prefetch(iter(_loader(source)), put=lambda b: b, size=3)
+  for want in expected[:2]:
+    np.testing.assert_array_equal(next(ahead)["image"], want)
+  state = ahead.get_state()  # the thread has read further; the state must not say so
+  ahead.close()
+  resumed = pipeline.Prefetch(iter(_loader(source)), put=lambda b: b)
+  resumed.set_state(state)
+  for want in expected[2:]:
+    np.testing.assert_array_equal(next(resumed)["image"], want)
+  resumed.close()
+
+
+def test_prefetch_raises_the_reader_error_in_the_consumer():
+  ahead = pipeline.Prefetch(iter(pipeline.train_loader(
+      _BadLabels(), batch_size=8, seed=0, operations=[pipeline.ValidateLabels(3, 255)])),
+                            put=lambda b: b)
+  with pytest.raises(JaxsegError, match="label values"):
+    next(ahead)
+  ahead.close()

@@ -3,6 +3,7 @@
 A separate process so that tests can kill it (SIGKILL mid-save) and start it again.
 """
 
+import ast
 import json
 import os
 import signal
@@ -32,7 +33,11 @@ def main(argv):
   config = helpers.tiny_config(steps=steps)
   for key, value in overrides.items():
     section, name = key.split(".")
-    setattr(config[section], name, type(config[section][name])(value))
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    setattr(config[section], name, value)
   summary = segmentation.train_and_evaluate(config, workdir)
   print(json.dumps({k: summary[k] for k in ("steps", "steps_this_run", "resumed_from", "miou")}))
 

@@ -11,11 +11,26 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.name = "synthetic"
   config.data.data_dir = ""  # root of a dataset on disk; unused by the synthetic one
-  config.data.image_size = 64  # training (and synthetic val) resolution, square
+  config.data.image_size = 64  # synthetic only: its resolution, square
   config.data.seed = 0  # dataset generation seed (synthetic)
   config.data.preset = "default"  # synthetic only: "default" or "hard" (see data/synthetic.py)
   config.data.val_split = "val"
+  # Unset (None): the dataset's own default (jaxseg.data.DATASETS). Sizes are (h, w) or one int.
+  config.data.crop_size = placeholder(tuple)  # training crops; synthetic data is not augmented
+  config.data.scale_range = placeholder(tuple)  # random scale before cropping, e.g. (0.5, 2.0)
+  config.data.eval_window = placeholder(tuple)  # sliding-window evaluation; (0, 0): whole image
+  config.data.eval_size = placeholder(tuple)  # pad val images to this canvas (varying sizes)
+  config.data.flip = True  # random horizontal flips (with crop_size)
+  config.data.photometric = True  # brightness/contrast/saturation/hue jitter (with crop_size)
+  config.data.skip_bad_examples = False  # skip, log and count unreadable examples
+  # Dataset-specific constructor options; unset ones take the reader's default.
+  config.data.options = ml_collections.ConfigDict()
+  config.data.options.classes = placeholder(str)  # coco: "things" (80 + background) or "voc"
+  config.data.options.labels = placeholder(str)  # coco: "instances", "panoptic" or "stuff"
+  # coco: drop train images with at most this many labelled pixels (torchvision: voc, 1000)
+  config.data.options.min_labelled_area = placeholder(int)
   config.data.worker_count = 0  # grain worker processes; 0 decodes in the main process
+  config.data.prefetch = 2  # batches read and sent to the devices ahead of the step
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 360

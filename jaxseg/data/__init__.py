@@ -1,33 +1,82 @@
 """Datasets: a registry of sources, each a grain RandomAccessDataSource with class metadata.
 
 Every source yields {"image": uint8 (H, W, 3), "label": uint8 (H, W)} and exposes
-`class_names`, `num_classes`, `palette` (uint8 (K, 3)) and `ignore_index`.
+`class_names`, `num_classes`, `palette` (uint8 (K, 3)) and `ignore_index`. Each registered
+dataset also carries its training defaults (crop size, scale range, how to evaluate), which an
+experiment's `data.*` config keys override.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
+from jaxseg.data.camvid import CamVid
+from jaxseg.data.cityscapes import Cityscapes
+from jaxseg.data.coco import CocoSegmentation
 from jaxseg.data.synthetic import SyntheticShapes
 from jaxseg.errors import JaxsegError
 
 
-def _synthetic(split: str, *, image_size, seed: int = 0, data_dir=None, num_examples=None,
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """How to build a dataset's splits and its training/evaluation defaults.
+
+  `crop_size` None means no augmentation (the synthetic data is generated at the training
+  size). `eval_window` (h, w) evaluates by sliding window; None runs whole images.
+  `eval_size` pads every val image to one canvas (datasets whose images differ in size).
+  """
+
+  factory: Callable
+  options: tuple[str, ...] = ()  # the factory's keyword arguments that config may set
+  crop_size: tuple[int, int] | None = None
+  scale_range: tuple[float, float] = (0.5, 2.0)
+  eval_window: tuple[int, int] | None = None
+  eval_size: tuple[int, int] | None = None
+  on_disk: bool = True
+
+
+def _synthetic(split: str, *, image_size, seed: int = 0, num_examples=None,
                preset: str = "default"):
-  del data_dir  # generated, nothing to read
   return SyntheticShapes(split, image_size=image_size, seed=seed, num_examples=num_examples,
                          preset=preset)
 
 
-# name -> factory(split, *, image_size, seed, data_dir, num_examples)
-DATASETS = {
-    "synthetic": _synthetic,
+DATASETS: dict[str, DatasetSpec] = {
+    "synthetic": DatasetSpec(_synthetic, ("image_size", "seed", "num_examples", "preset"),
+                             on_disk=False),
+    # SegNet's setting: whole 360x480 frames.
+    "camvid": DatasetSpec(CamVid, ("skip_bad_examples",), crop_size=(360, 480)),
+    # DeepLabV3+'s 512x1024 crops of the 1024x2048 frames; evaluated by sliding window.
+    "cityscapes": DatasetSpec(Cityscapes, ("skip_bad_examples",), crop_size=(512, 1024),
+                              eval_window=(512, 1024)),
+    # COCO images are at most 640 on a side and differ in size: crops of 512 for training,
+    # whole images padded to one 640x640 canvas (padding ignored) for evaluation.
+    "coco": DatasetSpec(CocoSegmentation,
+                        ("classes", "labels", "min_labelled_area", "skip_bad_examples"),
+                        crop_size=(512, 512), eval_size=(640, 640)),
 }
 
 
-def get_dataset(name: str, split: str, **kwargs):
-  """The `split` of dataset `name` as a random-access source."""
+def get_dataset(name: str, split: str, *, data_dir: str | None = None, **kwargs):
+  """The `split` of dataset `name` as a random-access source.
+
+  On-disk datasets read `data_dir`; a directory written by `python -m jaxseg.data.prepare`
+  is read in its prepared form.
+  """
+  spec = dataset_spec(name)
+  if not spec.on_disk:
+    return spec.factory(split, **kwargs)
+  if not data_dir:
+    raise JaxsegError(f"dataset {name} is read from disk: pass --data_dir=PATH")
+  return spec.factory(split, data_dir=data_dir, **kwargs)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise JaxsegError(f"unknown dataset {name!r}; valid choices: {', '.join(sorted(DATASETS))}")
-  return DATASETS[name](split, **kwargs)
+  return DATASETS[name]
 
 
-__all__ = ["DATASETS", "get_dataset", "SyntheticShapes"]
+__all__ = ["DATASETS", "DatasetSpec", "dataset_spec", "get_dataset", "CamVid", "Cityscapes",
+           "CocoSegmentation", "SyntheticShapes"]

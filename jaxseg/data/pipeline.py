@@ -1,12 +1,20 @@
-"""Input pipelines: a grain loader for training (resumable), plain batching for evaluation."""
+"""Input pipelines: a grain loader for training (resumable), plain batching for evaluation,
+dropping of bad examples, and host-to-device prefetch."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import json
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import grain.python as grain
 import numpy as np
+from absl import flags, logging
 
+from jaxseg.data.files import BAD_KEY, check_label_range
 from jaxseg.errors import JaxsegError
 
 
@@ -21,14 +29,71 @@ class ValidateLabels(grain.MapTransform):
     self.num_classes, self.ignore_index, self.source = num_classes, ignore_index, source
 
   def map(self, example):
-    label = example["label"]
-    bad = (label >= self.num_classes) & (label != self.ignore_index)
-    if bad.any():
-      values = sorted(set(np.unique(label[bad]).tolist()))
-      where = example.get("name", self.source)
-      raise JaxsegError(
-          f"{where}: label values {values[:8]} are outside 0..{self.num_classes - 1} and not "
-          f"the ignore index {self.ignore_index}; fix the labels or the dataset's class count")
+    if BAD_KEY not in example:
+      check_label_range(example["label"], self.num_classes, self.ignore_index,
+                        example.get("name", self.source))
+    return example
+
+
+class DropBadExamples(grain.FilterTransform):
+  """Drops the examples a source skipped ({BAD_KEY: message}), logging each one.
+
+  With `log_path`, each is also appended as a JSON line: worker processes cannot report back
+  to the training loop, but they can all append to one file (O_APPEND writes of one short line
+  do not interleave), which the run summary counts and the user can read.
+  """
+
+  def __init__(self, log_path: str | None = None):
+    self.log_path = log_path
+
+  def filter(self, example) -> bool:
+    if BAD_KEY not in example:
+      return True
+    logging.warning("skipped bad example: %s", example[BAD_KEY])
+    if self.log_path:
+      with open(self.log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"error": example[BAD_KEY]}) + "\n")
+    return False
+
+
+def count_logged(log_path: str) -> int:
+  """Distinct bad examples in a DropBadExamples log (a resumed run may meet one again)."""
+  if not os.path.exists(log_path):
+    return 0
+  with open(log_path, encoding="utf-8") as f:
+    return len({line.strip() for line in f if line.strip()})
+
+
+def _exit_when_orphaned(parent: int) -> None:
+  """Ends this process soon after `parent` is gone (it is then re-parented)."""
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(0)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+class ExitWithParent(grain.MapTransform):
+  """Identity on examples; unpickled inside a grain worker, it ends the worker when the
+  training process dies.
+
+  Grain's worker processes block forever on a full queue once the process that reads them is
+  gone (killed by the scheduler, an OOM, a SIGKILL): they would pile up, holding memory and
+  the terminal's pipes. Grain runs no user code at worker start, but it unpickles the
+  operations there, so `__setstate__` is the hook.
+  """
+
+  def __init__(self):
+    self.parent = os.getpid()
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    if os.getpid() != self.parent:
+      _exit_when_orphaned(self.parent)
+
+  def map(self, example):
     return example
 
 
@@ -39,35 +104,127 @@ def train_loader(source, *, batch_size: int, seed: int, operations: Sequence = (
   `batch_size` is this process's share of the global batch. Iterating it gives a
   `grain.PyGrainDatasetIterator` whose position is saved in the checkpoint.
   """
+  if worker_count and not flags.FLAGS.is_parsed():
+    # Grain's workers read its absl flags; a library caller (a notebook, a test) has parsed
+    # none, which would kill every worker.
+    flags.FLAGS.mark_as_parsed()
   sampler = grain.IndexSampler(
       num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs,
       shard_options=grain.ShardByJaxProcess(drop_remainder=True))
   return grain.DataLoader(
       data_source=source, sampler=sampler,
-      operations=[*operations, grain.Batch(batch_size, drop_remainder=True)],
+      operations=[*([ExitWithParent()] if worker_count else []), *operations,
+                  grain.Batch(batch_size, drop_remainder=True)],
       worker_count=worker_count)
 
 
 def eval_batches(source, batch_size: int, num_examples: int | None = None,
                  validate: ValidateLabels | None = None, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1, operations: Sequence[grain.MapTransform] = ()
+                 ) -> Iterator[dict[str, np.ndarray]]:
   """Every example once over all processes, in order; padding is marked by `mask` = False.
 
   Process p reads examples p, p + P, p + 2P, ... in `batch_size` (its share of the global
   batch) chunks; every process yields the same number of batches, as a collective step needs.
+  `operations` (e.g. transforms.PadTo) map each example after validation. A skipped bad
+  example ({BAD_KEY: ...}) is logged and left out: its slot is padding, so the others still
+  count once.
   """
   n = len(source) if num_examples is None else min(num_examples, len(source))
   if n == 0:
     raise JaxsegError(f"{source!r} has no examples to evaluate")
   mine = list(range(process_index, n, process_count))
   per_process = -(-n // process_count)
-  for start in range(0, per_process, batch_size):
-    examples = [source[i] for i in mine[start:start + batch_size]]
+  drop = DropBadExamples()
+
+  def read(i):
+    example = source[i]
+    if not drop.filter(example):
+      return None
     if validate is not None:
-      examples = [validate.map(e) for e in examples]
+      example = validate.map(example)
+    for op in operations:
+      example = op.map(example)
+    return example
+
+  fallback = None
+  for start in range(0, per_process, batch_size):
+    examples = [e for e in map(read, mine[start:start + batch_size]) if e is not None]
     mask = np.zeros(batch_size, bool)
     mask[:len(examples)] = True
-    # Padding repeats a real example (example 0 where this process ran out first); masked out.
-    examples += [examples[-1] if examples else source[0]] * (batch_size - len(examples))
+    # Padding repeats a real example (the first readable one where this process ran out or
+    # skipped them all); masked out.
+    if examples:
+      fallback = examples[-1]
+    elif fallback is None:
+      fallback = next(e for e in map(read, range(n)) if e is not None)
+    examples += [fallback] * (batch_size - len(examples))
     yield {"image": np.stack([e["image"] for e in examples]),
            "label": np.stack([e["label"] for e in examples]), "mask": mask}
+
+
+class Prefetch:
+  """Reads and transfers the next `size` batches in a background thread while the device
+  computes, and checkpoints like the iterator it wraps: `get_state` is the position after the
+  last batch handed out, not after the ones read ahead, so a resume replays nothing and skips
+  nothing.
+  """
+
+  def __init__(self, iterator, put: Callable[[Any], Any], size: int = 2):
+    self._iterator, self._put, self._size = iterator, put, size
+    self._queue: queue.Queue | None = None
+    self._state = None
+    self._thread = None
+    self._stop = threading.Event()
+
+  def set_state(self, state) -> None:
+    if self._thread is not None:
+      raise RuntimeError("Prefetch.set_state after iteration started")
+    self._iterator.set_state(state)
+
+  def get_state(self):
+    return self._iterator.get_state() if self._thread is None else self._state
+
+  def start_prefetch(self) -> None:
+    """Grain's checkpoint handler calls this after a restore (its own iterators prefetch)."""
+    if hasattr(self._iterator, "start_prefetch"):
+      self._iterator.start_prefetch()
+
+  def _run(self):
+    try:
+      while not self._stop.is_set():
+        batch = next(self._iterator)
+        item = (self._put(batch), self._iterator.get_state(), None)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
+      self._queue.put((None, None, e))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      self._queue = queue.Queue(self._size)
+      self._thread = threading.Thread(target=self._run, daemon=True, name="prefetch")
+      self._thread.start()
+    batch, state, error = self._queue.get()
+    if error is not None:
+      self._stop.set()
+      raise error
+    self._state = state
+    return batch
+
+  def close(self) -> None:
+    """Stops reading ahead and the loader's worker processes."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+    # grain's DataLoaderIterator has no public close; its pipeline iterator stops the workers.
+    inner = getattr(self._iterator, "_iterator", None)
+    if hasattr(inner, "close"):
+      inner.close()

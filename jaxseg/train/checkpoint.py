@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any
 
 import grain.python as grain
@@ -116,6 +117,15 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, TypeError) as e:  # Orbax/grain mismatch: one line, no traceback
       first = first_line(e)
+      counts = re.findall(r"worker count in (checkpoint|dataloader): (\d+)", str(e))
+      if len(counts) == 2:
+        # Grain hands each worker every n-th record and batches within a worker, so the batch
+        # order depends on the worker count: the saved position means nothing under another.
+        saved, now = dict(counts)["checkpoint"], dict(counts)["dataloader"]
+        raise JaxsegError(
+            f"{self.directory} (step {step}) was written with --config.data.worker_count="
+            f"{saved} but this run has {now}; the batch order depends on it, so resume with "
+            f"--config.data.worker_count={saved}") from e
       raise JaxsegError(f"{self.directory} (step {step}) does not match this run: {first}; use "
                         f"the checkpoint's settings or another --workdir") from e
     return restored["state"], dict(restored["progress"] or {})

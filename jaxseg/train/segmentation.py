@@ -6,6 +6,7 @@ dataset, model, loss and optimizer; everything it calls takes plain arguments.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from jaxseg import losses, metrics, visualize, weights
-from jaxseg.data import get_dataset, pipeline
+from jaxseg.data import dataset_spec, get_dataset, pipeline, transforms
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
@@ -154,10 +155,11 @@ def _fmt(value) -> str:
 
 
 def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index,
-              preprocess=None):
+              preprocess=None, eval_window=None):
   """The train and eval steps, compiled once for the mesh; the train state is donated.
 
-  `preprocess` maps uint8 images to model inputs (default: ImageNet mean/std, RGB).
+  `preprocess` maps uint8 images to model inputs (default: ImageNet mean/std, RGB);
+  `eval_window` (h, w) makes evaluation slide a window over larger images.
   """
   preprocess = preprocess or make_normalize()
   loss_fn = losses.make_loss(dict(config.train.loss), ignore_index=ignore_index)
@@ -167,20 +169,20 @@ def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index,
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, sharding.replicated(mesh)),
                        donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(preprocess, num_classes, ignore_index),
+  eval_step = jax.jit(make_eval_step(preprocess, num_classes, ignore_index, eval_window),
                       in_shardings=(state_sharding, batch_sharding),
                       out_shardings=(sharding.replicated(mesh), batch_sharding))
   return train_step, eval_step
 
 
 def evaluate(eval_step, state, source, mesh, batch_size, num_classes, validate,
-             num_examples=None, keep=0):
+             num_examples=None, keep=0, operations=()):
   """Confusion matrix over the split (summed in int64) and the first `keep` predictions."""
   confusion = np.zeros((num_classes, num_classes), np.int64)
   kept = {"image": [], "label": [], "prediction": []}
   local = batch_size // jax.process_count()
   for batch in pipeline.eval_batches(source, local, num_examples, validate,
-                                     jax.process_index(), jax.process_count()):
+                                     jax.process_index(), jax.process_count(), operations):
     cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
     confusion += np.asarray(jax.device_get(cm), np.int64)
     if len(kept["image"]) < keep:
@@ -192,6 +194,66 @@ def evaluate(eval_step, state, source, mesh, batch_size, num_classes, validate,
         kept["label"].append(batch["label"][i])
         kept["prediction"].append(predictions[i])
   return confusion, kept
+
+
+@dataclasses.dataclass
+class Data:
+  """The sources, the training loader and how to evaluate, resolved from `config.data`."""
+  train: Any
+  val: Any
+  loader: Any
+  image_shape: tuple[int, int, int]  # what the model is initialised with
+  eval_window: tuple[int, int] | None
+  eval_operations: tuple
+  skip_log: str
+
+
+def _pair(value, key: str, cast=int):
+  """A (h, w)-like config value as a tuple; one number means both."""
+  if value is None:
+    return None
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  values = values * 2 if len(values) == 1 else values
+  if len(values) != 2:
+    raise JaxsegError(f"--config.data.{key}={value} must be two numbers")
+  return tuple(cast(v) for v in values)
+
+
+def make_data(config, workdir: str, local_batch: int) -> Data:
+  """Dataset defaults (data.DATASETS) overridden by the data.* config keys."""
+  spec = dataset_spec(config.data.name)
+  chosen = {k: v for k, v in config.data.options.to_dict().items() if v is not None}
+  options = {"image_size": config.data.image_size, "seed": config.data.seed,
+             "preset": config.data.preset, "skip_bad_examples": config.data.skip_bad_examples,
+             **chosen}
+  unknown = sorted(set(chosen) - set(spec.options))
+  if unknown:
+    raise JaxsegError(f"--config.data.options.{unknown[0]}: dataset {config.data.name} takes "
+                      f"{', '.join(spec.options) or 'no options'}")
+  kwargs = {k: v for k, v in options.items() if k in spec.options}
+  data_dir = config.data.data_dir or None
+  train = get_dataset(config.data.name, "train", data_dir=data_dir, **kwargs)
+  val = get_dataset(config.data.name, config.data.val_split, data_dir=data_dir, **kwargs)
+  ignore = train.ignore_index
+  crop = _pair(config.data.crop_size, "crop_size") or spec.crop_size
+  scales = _pair(config.data.scale_range, "scale_range", float) or spec.scale_range
+  window = _pair(config.data.eval_window, "eval_window") or spec.eval_window
+  window = None if window == (0, 0) else window  # (0, 0): whole images
+  eval_size = _pair(config.data.eval_size, "eval_size") or spec.eval_size
+  skip_log = os.path.join(workdir, "skipped_examples.jsonl")
+  operations = [pipeline.DropBadExamples(skip_log),
+                pipeline.ValidateLabels(train.num_classes, ignore, repr(train))]
+  if crop is not None:
+    operations.append(transforms.Augment(crop, scales[0], scales[1], flip=config.data.flip,
+                                         ignore_index=ignore,
+                                         **({} if config.data.photometric else
+                                            dict(brightness=0, contrast=0, saturation=0,
+                                                 hue=0))))
+  loader = pipeline.train_loader(train, batch_size=local_batch, seed=config.train.seed,
+                                 operations=operations, worker_count=config.data.worker_count)
+  image_shape = (*crop, 3) if crop else tuple(np.asarray(train[0]["image"]).shape)
+  eval_operations = (transforms.PadTo(eval_size, ignore),) if eval_size else ()
+  return Data(train, val, loader, image_shape, window, eval_operations, skip_log)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -208,24 +270,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if config.train[key] < 1:
       raise JaxsegError(f"--config.train.{key}={config.train[key]} must be at least 1")
 
-  data_kwargs = dict(image_size=config.data.image_size, seed=config.data.seed,
-                     data_dir=config.data.data_dir or None)
-  if config.data.name == "synthetic":
-    data_kwargs["preset"] = config.data.preset
-  train_source = get_dataset(config.data.name, "train", **data_kwargs)
-  val_source = get_dataset(config.data.name, config.data.val_split, **data_kwargs)
+  data = make_data(config, workdir, local_batch)
+  train_source, val_source = data.train, data.val
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
   validate = pipeline.ValidateLabels(num_classes, ignore, repr(train_source))
-  loader = pipeline.train_loader(
-      train_source, batch_size=local_batch, seed=config.train.seed,
-      operations=[validate], worker_count=config.data.worker_count)
 
   pretrained, pretrained_meta = load_pretrained_backbone(config)
   model = create_model(config.model.name, num_classes=num_classes,
                        backbone=config.model.backbone, dtype=dtype,
                        backbone_kwargs=pretrained_meta and pretrained_meta["backbone_kwargs"],
                        **model_kwargs(config))
-  image_shape = tuple(np.asarray(val_source[0]["image"]).shape)
+  image_shape = data.image_shape
   state, state_sharding, schedule = create_train_state(config, model, mesh, image_shape, steps,
                                                        pretrained)
   num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
@@ -237,7 +292,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               "preprocessing": pretrained_meta["preprocessing"] if pretrained_meta else "imagenet"}
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
                       keep=config.train.keep_checkpoints)
-  data_iter = iter(loader)
+  data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
+                               size=config.data.prefetch)
   start, earlier = 0, {}
   if (latest := ckpt.latest_step()) is not None:
     state, earlier = ckpt.restore(latest, state, data_iter)
@@ -252,7 +308,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   preprocess = (weights.make_preprocess(pretrained_meta["preprocessing"]) if pretrained_meta
                 else make_normalize())
   train_step, eval_step = jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore,
-                                    preprocess)
+                                    preprocess, data.eval_window)
 
   writer = MetricWriter(workdir, resume_step=start)
   model_label = "/".join(filter(None, (config.model.name, config.model.get("backbone"))))
@@ -272,7 +328,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     t = time.perf_counter()
     confusion, kept = evaluate(eval_step, state, val_source, mesh, eval_batch, num_classes,
                                validate, config.train.num_eval_examples or None,
-                               keep=config.train.num_prediction_images)
+                               keep=config.train.num_prediction_images,
+                               operations=data.eval_operations)
     summary = metrics.summarize(confusion)
     eval_seconds += time.perf_counter() - t
     writer.write(step, {**train_rows.pop(step, {}),
@@ -319,8 +376,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   try:
     for step in range(start + 1, steps + 1):
-      batch = sharding.put_batch(next(data_iter), mesh)
-      state, out = train_step(state, batch)
+      state, out = train_step(state, next(data_iter))
       if pending is not None:
         drain(*pending)
       pending = (step, out)
@@ -342,6 +398,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     totals = progress_record(final_step)
     summary, kept = run_eval(final_step)
   finally:
+    data_iter.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -369,6 +426,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "devices": mesh.devices.size, "platform": jax.default_backend(),
       "global_batch_size": config.train.batch_size,
       "nonfinite_steps": int(jax.device_get(state.nonfinite_total)),
+      # Bad examples left out (data.skip_bad_examples): found while listing the dataset, and
+      # met while reading it (listed in skipped_examples.jsonl).
+      "skipped_examples": (len(getattr(train_source, "skipped", ())) +
+                           len(getattr(val_source, "skipped", ())) +
+                           pipeline.count_logged(data.skip_log)),
       "eval_examples": min(len(val_source), config.train.num_eval_examples or len(val_source)),
   }
   if jax.process_index() == 0:

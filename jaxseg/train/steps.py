@@ -6,6 +6,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxseg import metrics
@@ -69,15 +70,51 @@ def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Sch
   return train_step
 
 
-def make_eval_step(preprocess: Callable, num_classes: int, ignore_index: int = 255):
+def window_starts(size: int, window: int, overlap: float = 1 / 3) -> list[int]:
+  """Start offsets of windows covering [0, size) with about `overlap` overlap; the last window
+  ends at the edge (mmsegmentation's 'slide' inference)."""
+  if window >= size:
+    return [0]
+  stride = max(1, int(window * (1 - overlap)))
+  starts = list(range(0, size - window, stride))
+  return starts + [size - window]
+
+
+def sliding_logits(apply: Callable, images, window: tuple[int, int], num_classes: int):
+  """Average of the float32 logits of overlapping `window` crops; every pixel is covered.
+
+  The windows are a static grid (shapes are known at trace time) run as one batch, so this
+  is a single model call per eval step.
+  """
+  b, h, w = images.shape[:3]
+  wh, ww = min(window[0], h), min(window[1], w)
+  boxes = [(y, x) for y in window_starts(h, wh) for x in window_starts(w, ww)]
+  crops = jnp.concatenate([images[:, y:y + wh, x:x + ww] for y, x in boxes])
+  logits = apply(crops).astype(jnp.float32).reshape(len(boxes), b, wh, ww, num_classes)
+  total = jnp.zeros((b, h, w, num_classes), jnp.float32)
+  count = np.zeros((h, w), np.float32)
+  for i, (y, x) in enumerate(boxes):
+    total = total.at[:, y:y + wh, x:x + ww].add(logits[i])
+    count[y:y + wh, x:x + ww] += 1
+  return total / count[None, :, :, None]
+
+
+def make_eval_step(preprocess: Callable, num_classes: int, ignore_index: int = 255,
+                   window: tuple[int, int] | None = None):
   """Returns `eval_step(state, batch) -> (confusion matrix, predictions)`.
 
-  `batch["mask"]` (per example) excludes the padding of a last, incomplete batch.
+  `batch["mask"]` (per example) excludes the padding of a last, incomplete batch. With
+  `window` (h, w), images larger than it are evaluated by sliding window.
   """
 
   def eval_step(state, batch):
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            preprocess(batch["image"]), train=False)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    apply = lambda x: state.apply_fn(variables, x, train=False)
+    images = preprocess(batch["image"])
+    if window is not None and (images.shape[1] > window[0] or images.shape[2] > window[1]):
+      logits = sliding_logits(apply, images, window, num_classes)
+    else:
+      logits = apply(images)
     predictions = jnp.argmax(logits.astype(jnp.float32), axis=-1)
     mask = jnp.broadcast_to(batch["mask"][:, None, None], batch["label"].shape)
     confusion = metrics.confusion_matrix(batch["label"], predictions, num_classes,

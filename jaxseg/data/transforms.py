@@ -1,0 +1,120 @@
+"""Training augmentation on the host: random scale, crop (padding with `ignore_index`), flip,
+photometric jitter; and padding for evaluation.
+
+Image and label go through the same geometry; labels are only ever resampled
+nearest-neighbour, so no invented class ids appear on boundaries. Every random draw comes from
+the generator grain hands to a RandomMapTransform, which grain derives from the loader's seed
+and the record's position: the same seed gives the same crops in any worker and after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grain.python as grain
+import numpy as np
+from PIL import Image
+
+from jaxseg.errors import JaxsegError
+
+
+def scale_crop(image: np.ndarray, label: np.ndarray, scale: float, crop: tuple[int, int],
+               offset: tuple[float, float], ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+  """The `crop` window of the image resized by `scale`, padded with `ignore_index` labels
+  (and zero pixels) where the scaled image is smaller than the window.
+
+  `offset` in [0, 1]^2 places the window within the scaled image. Only the window is resampled
+  (PIL's `box`), so scaling a 2048x1024 image by 2 costs a crop, not a 4096x2048 resize.
+  """
+  h, w = label.shape
+  ch, cw = crop
+  sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
+  y0 = int(offset[0] * (max(sh - ch, 0) + 1) * 0.999999)
+  x0 = int(offset[1] * (max(sw - cw, 0) + 1) * 0.999999)
+  wh, ww = min(ch, sh - y0), min(cw, sw - x0)
+  fy, fx = h / sh, w / sw  # source pixels per scaled pixel
+  box = (x0 * fx, y0 * fy, (x0 + ww) * fx, (y0 + wh) * fy)
+  out_image = np.zeros((ch, cw, 3), np.uint8)
+  out_label = np.full((ch, cw), ignore_index, np.uint8)
+  out_image[:wh, :ww] = np.asarray(
+      Image.fromarray(image).resize((ww, wh), Image.BILINEAR, box=box))
+  out_label[:wh, :ww] = np.asarray(
+      Image.fromarray(label).resize((ww, wh), Image.NEAREST, box=box))
+  return out_image, out_label
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator, *, brightness: float,
+                contrast: float, saturation: float, hue: float) -> np.ndarray:
+  """mmsegmentation's PhotoMetricDistortion: each of brightness shift, contrast, saturation and
+  hue shift applied with probability 1/2, in that order."""
+  x = image.astype(np.float32)
+  if brightness and rng.random() < 0.5:
+    x += rng.uniform(-brightness, brightness)
+  if contrast and rng.random() < 0.5:
+    x *= rng.uniform(1 - contrast, 1 + contrast)
+  if saturation and rng.random() < 0.5:
+    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
+    x = grey[..., None] + (x - grey[..., None]) * rng.uniform(1 - saturation, 1 + saturation)
+  x = np.clip(x, 0, 255).astype(np.uint8)
+  if hue and rng.random() < 0.5:
+    hsv = np.asarray(Image.fromarray(x).convert("HSV")).copy()
+    shift = int(round(rng.uniform(-hue, hue) * 256 / 360))  # PIL's H channel is 0..255
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
+    x = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment(grain.RandomMapTransform):
+  """Random scale + crop (+ pad), horizontal flip and photometric jitter of one example."""
+
+  crop_size: tuple[int, int]
+  min_scale: float = 0.5
+  max_scale: float = 2.0
+  flip: bool = True
+  brightness: float = 32.0  # +- on the 0..255 scale
+  contrast: float = 0.5  # factor in [1 - c, 1 + c]
+  saturation: float = 0.5
+  hue: float = 18.0  # +- degrees
+  ignore_index: int = 255
+
+  def __post_init__(self):
+    if not 0 < self.min_scale <= self.max_scale:
+      raise JaxsegError(f"data.scale_range=({self.min_scale}, {self.max_scale}) must satisfy "
+                        "0 < min <= max")
+    if len(self.crop_size) != 2 or min(self.crop_size) < 1:
+      raise JaxsegError(f"data.crop_size={self.crop_size} must be (height, width), both >= 1")
+
+  def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    # Log-uniform scale: zooming in by 2 and out by 2 equally often.
+    scale = float(np.exp(rng.uniform(np.log(self.min_scale), np.log(self.max_scale))))
+    image, label = scale_crop(example["image"], example["label"], scale,
+                              tuple(self.crop_size), tuple(rng.random(2)), self.ignore_index)
+    if self.flip and rng.random() < 0.5:
+      image, label = image[:, ::-1], label[:, ::-1]
+    image = photometric(image, rng, brightness=self.brightness, contrast=self.contrast,
+                        saturation=self.saturation, hue=self.hue)
+    return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PadTo(grain.MapTransform):
+  """Pads (bottom/right) to a fixed size so that images of different sizes batch together;
+  padded labels are `ignore_index`, so they count in no metric. Larger images are an error."""
+
+  size: tuple[int, int]
+  ignore_index: int = 255
+
+  def map(self, example: dict[str, Any]) -> dict[str, Any]:
+    h, w = example["label"].shape
+    th, tw = self.size
+    if h > th or w > tw:
+      raise JaxsegError(f"{example.get('name', 'an example')} is {h}x{w} (HxW), larger than the "
+                        f"evaluation canvas {th}x{tw}; raise data.eval_size")
+    if (h, w) == (th, tw):
+      return example
+    image = np.zeros((th, tw, 3), np.uint8)
+    label = np.full((th, tw), self.ignore_index, np.uint8)
+    image[:h, :w], label[:h, :w] = example["image"], example["label"]
+    return {**example, "image": image, "label": label}

@@ -1,0 +1,135 @@
+"""Augmentation keeps image and label aligned, resamples labels nearest-neighbour only, pads
+with ignore_index, and is a pure function of the seed; sliding-window evaluation covers every
+pixel and equals whole-image inference for a per-pixel model."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxseg.data import pipeline, transforms
+from jaxseg.train import steps
+
+PALETTE = np.array([[250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0]], np.uint8)
+
+
+def _blocks(h=60, w=80):
+  """Label of 4 big rectangles and an image painted in each class's colour."""
+  label = np.zeros((h, w), np.uint8)
+  label[:, w // 2:] = 1
+  label[h // 2:, :w // 3] = 2
+  label[h // 3:h // 2, w // 3:] = 3
+  return {"image": PALETTE[label], "label": label}
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, (0.0, 0.0)), (1.7, (0.3, 0.9)),
+                                           (0.5, (0.5, 0.5)), (0.31, (1.0, 1.0))])
+def test_scale_crop_keeps_image_and_label_aligned(scale, offset):
+  example = _blocks()
+  image, label = transforms.scale_crop(example["image"], example["label"], scale, (40, 48),
+                                       offset, 255)
+  assert image.shape == (40, 48, 3) and label.shape == (40, 48)
+  assert set(np.unique(label)) <= {0, 1, 2, 3, 255}  # nearest: no invented ids
+  inside = label != 255
+  # Away from edges (bilinear blends colours across a boundary), each pixel has its class's
+  # colour; padding is black image and ignore label.
+  # Downscaling antialiases over a few pixels, so at 0.31 a third of this tiny crop is edge.
+  exact = np.all(image == PALETTE[np.where(inside, label, 0)], axis=-1) & inside
+  assert exact.sum() >= (0.8 if scale >= 0.5 else 0.6) * inside.sum()
+  for c in np.unique(label[inside]):  # each class's pixels are on average its own colour
+    mean = image[label == c].mean(0)
+    assert np.argmin(np.linalg.norm(PALETTE - mean, axis=1)) == c
+  assert np.all(image[~inside] == 0)
+  if scale * 60 < 40:
+    assert (~inside).any()  # smaller than the crop: padded
+
+
+def test_scale_one_at_origin_is_a_plain_crop():
+  example = _blocks()
+  image, label = transforms.scale_crop(example["image"], example["label"], 1.0, (40, 48),
+                                       (0.0, 0.0), 255)
+  np.testing.assert_array_equal(image, example["image"][:40, :48])
+  np.testing.assert_array_equal(label, example["label"][:40, :48])
+
+
+def test_augment_is_deterministic_for_a_seed_and_varies_over_seeds():
+  augment = transforms.Augment((32, 32), 0.5, 2.0)
+  example = _blocks()
+  a = augment.random_map(example, np.random.default_rng(7))
+  b = augment.random_map(example, np.random.default_rng(7))
+  c = augment.random_map(example, np.random.default_rng(8))
+  for key in ("image", "label"):
+    np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(a["image"], c["image"])
+  assert a["image"].dtype == np.uint8 and a["label"].dtype == np.uint8
+
+
+def test_flip_mirrors_both():
+  augment = transforms.Augment((60, 80), 1.0, 1.0, flip=True, brightness=0, contrast=0,
+                               saturation=0, hue=0)
+  example = _blocks()
+  flipped = 0
+  for seed in range(8):
+    out = augment.random_map(example, np.random.default_rng(seed))
+    if not np.array_equal(out["label"], example["label"]):
+      np.testing.assert_array_equal(out["label"], example["label"][:, ::-1])
+      np.testing.assert_array_equal(out["image"], example["image"][:, ::-1])
+      flipped += 1
+  assert 0 < flipped < 8
+
+
+def test_photometric_jitter_leaves_labels_alone_and_changes_colours():
+  augment = transforms.Augment((60, 80), 1.0, 1.0, flip=False)
+  example = _blocks()
+  outs = [augment.random_map(example, np.random.default_rng(s)) for s in range(6)]
+  assert all(np.array_equal(o["label"], example["label"]) for o in outs)
+  assert any(not np.array_equal(o["image"], example["image"]) for o in outs)
+
+
+def test_augmented_loader_is_reproducible():
+  source = [_blocks() for _ in range(6)]
+
+  class Source:
+    def __len__(self):
+      return len(source)
+
+    def __getitem__(self, i):
+      return source[i]
+
+    def __repr__(self):
+      return "Blocks()"
+
+  def first(seed):
+    loader = pipeline.train_loader(Source(), batch_size=2, seed=seed,
+                                   operations=[transforms.Augment((24, 24))])
+    return next(iter(loader))
+
+  np.testing.assert_array_equal(first(3)["image"], first(3)["image"])
+  assert not np.array_equal(first(3)["image"], first(4)["image"])
+
+
+def test_pad_to_marks_padding_ignored():
+  example = {**_blocks(30, 40), "name": "x"}
+  out = transforms.PadTo((32, 48)).map(example)
+  assert out["image"].shape == (32, 48, 3)
+  assert np.all(out["label"][30:] == 255) and np.all(out["label"][:, 40:] == 255)
+  with pytest.raises(ValueError, match=r"x is 30x40 \(HxW\), larger than the evaluation canvas"):
+    transforms.PadTo((16, 48)).map(example)
+
+
+@pytest.mark.parametrize("size, window", [(10, 4), (9, 9), (7, 10), (20, 6)])
+def test_window_starts_cover_the_image(size, window):
+  starts = steps.window_starts(size, window)
+  covered = np.zeros(size, bool)
+  for s in starts:
+    covered[s:s + window] = True
+    assert 0 <= s and s + min(window, size) <= size
+  assert covered.all()
+
+
+def test_sliding_window_equals_whole_image_for_a_per_pixel_model():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 21, 30, 3)), jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  apply = lambda x: x @ weights  # a 1x1 conv: context-free, so windows cannot change it
+  np.testing.assert_allclose(steps.sliding_logits(apply, images, (8, 12), 5), apply(images),
+                             rtol=1e-5, atol=1e-5)
