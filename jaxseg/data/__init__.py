@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from jaxseg.data import prepared
 from jaxseg.data.camvid import CamVid
 from jaxseg.data.cityscapes import Cityscapes
 from jaxseg.data.coco import CocoSegmentation
@@ -62,13 +63,19 @@ def get_dataset(name: str, split: str, *, data_dir: str | None = None, **kwargs)
   """The `split` of dataset `name` as a random-access source.
 
   On-disk datasets read `data_dir`; a directory written by `python -m jaxseg.data.prepare`
-  is read in its prepared form.
+  for this dataset is read in its prepared form (its bad examples were dealt with when it was
+  written; other options must match the ones it was prepared with).
   """
   spec = dataset_spec(name)
   if not spec.on_disk:
     return spec.factory(split, **kwargs)
   if not data_dir:
     raise JaxsegError(f"dataset {name} is read from disk: pass --data_dir=PATH")
+  if prepared.is_prepared(data_dir, dataset=name):
+    source = prepared.PreparedSource(data_dir, split, dataset=name)
+    kwargs.pop("skip_bad_examples", None)
+    source.check_options(kwargs)
+    return source
   return spec.factory(split, data_dir=data_dir, **kwargs)
 
 

@@ -540,6 +540,12 @@ class CocoSegmentation(FileSource):
 
   # Reading --------------------------------------------------------------------------------
 
+  def image_file(self, index: int) -> str:
+    record = self._records[index]
+    if self.labels == "stuff":
+      return record[0]
+    return os.path.join(self._image_dir, record.file_name)
+
   def load(self, record):
     if self.labels == "stuff":
       return self._load_stuff(record)

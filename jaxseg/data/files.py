@@ -151,6 +151,13 @@ class FileSource:
   def load(self, record) -> dict[str, Any]:
     raise NotImplementedError
 
+  def image_file(self, index: int) -> str:
+    """The image file of example `index` (prepare stores JPEGs as they are, not re-encoded).
+
+    Records of (image path, label path) pairs need nothing more; other readers override it.
+    """
+    return self._records[index][0]
+
   def __getitem__(self, index) -> dict[str, Any]:
     record = self._records[index]
     try:
