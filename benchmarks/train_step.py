@@ -23,6 +23,53 @@ from jaxseg.models import create_model
 from jaxseg.train import segmentation, sharding
 
 
+def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size=(512, 512),
+            batch_size: int = 2, dtype: str = "auto", output_stride: int = 16,
+            separable: bool = False, num_classes: int = 19, steps: int = 5) -> dict:
+  """Compiles and times the train step on random uint8 batches; returns the figures."""
+  config = deeplab_config.get_config()
+  config.model.backbone, config.model.dtype = backbone, dtype
+  config.model.output_stride, config.model.separable = output_stride, separable
+  config.train.batch_size = batch_size
+  mesh = sharding.make_mesh()
+  sharding.check_batch_size(batch_size, mesh)
+  compute = segmentation.compute_dtype(dtype)
+  model = create_model(model_name, num_classes=num_classes, backbone=backbone,
+                       dtype=compute, **segmentation.model_kwargs(config))
+  state, state_sharding, schedule = segmentation.create_train_state(
+      config, model, mesh, (*size, 3), steps=1000)
+  train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, schedule,
+                                         num_classes, 255)
+  rng = np.random.default_rng(0)
+  batch = sharding.put_batch({
+      "image": rng.integers(0, 256, (batch_size, *size, 3), dtype=np.uint8),
+      "label": rng.integers(0, num_classes, (batch_size, *size), dtype=np.uint8)},
+      mesh)
+
+  t = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  state, out = compiled(state, batch)  # warm-up
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  memory = compiled.memory_analysis()
+  xla_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+              + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else float("nan")
+  return {"compile_s": compile_s, "step_s": step_s, "times": times, "flops": flops,
+          "images_per_second": batch_size / step_s, "xla_peak": xla_peak,
+          "dtype": np.dtype(compute).name, "loss": float(out["loss"]),
+          "finite": bool(out["finite"])}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="deeplabv3plus")
@@ -36,62 +83,27 @@ def main():
   parser.add_argument("--steps", type=int, default=5, help="timed steps after the first")
   args = parser.parse_args()
   size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
-
-  config = deeplab_config.get_config()
-  config.model.backbone, config.model.dtype = args.backbone, args.dtype
-  config.model.output_stride, config.model.separable = args.output_stride, args.separable
-  config.train.batch_size = args.batch_size
-  mesh = sharding.make_mesh()
-  sharding.check_batch_size(args.batch_size, mesh)
-  dtype = segmentation.compute_dtype(args.dtype)
-  model = create_model(args.model, num_classes=args.num_classes, backbone=args.backbone,
-                       dtype=dtype, **segmentation.model_kwargs(config))
-  state, state_sharding, schedule = segmentation.create_train_state(
-      config, model, mesh, (*size, 3), steps=1000)
-  train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, schedule,
-                                         args.num_classes, 255)
-  rng = np.random.default_rng(0)
-  batch = sharding.put_batch({
-      "image": rng.integers(0, 256, (args.batch_size, *size, 3), dtype=np.uint8),
-      "label": rng.integers(0, args.num_classes, (args.batch_size, *size), dtype=np.uint8)},
-      mesh)
-
-  t = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan")))
-  state, out = compiled(state, batch)  # warm-up
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, out = compiled(state, batch)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t)
-  step_s = statistics.median(times)
-  memory = compiled.memory_analysis()
-  xla_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-              + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else float("nan")
+  r = measure(args.model, args.backbone, size, args.batch_size, args.dtype, args.output_stride,
+              args.separable, args.num_classes, args.steps)
   device_stats = jax.devices()[0].memory_stats() or {}
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+  times = r["times"]
 
   print(f"device          {jax.devices()[0].device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}")
   print(f"model           {args.model} {args.backbone} os{args.output_stride}"
         f"{' separable' if args.separable else ''}, {size[0]}x{size[1]}, batch "
-        f"{args.batch_size}, {np.dtype(dtype).name}")
-  print(f"compile         {compile_s:.1f} s")
-  print(f"step (median)   {step_s * 1e3:.1f} ms over {args.steps} steps "
+        f"{args.batch_size}, {r['dtype']}")
+  print(f"compile         {r['compile_s']:.1f} s")
+  print(f"step (median)   {r['step_s'] * 1e3:.1f} ms over {args.steps} steps "
         f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
-  print(f"images/s        {args.batch_size / step_s:.2f}")
-  print(f"FLOPs/step      {flops / 1e9:.1f} GFLOP (XLA cost analysis)")
-  print(f"FLOP/s          {flops / step_s / 1e12:.3f} TFLOP/s")
-  print(f"peak memory     {xla_peak / 2**30:.2f} GiB (XLA buffers)"
+  print(f"images/s        {r['images_per_second']:.2f}")
+  print(f"FLOPs/step      {r['flops'] / 1e9:.1f} GFLOP (XLA cost analysis)")
+  print(f"FLOP/s          {r['flops'] / r['step_s'] / 1e12:.3f} TFLOP/s")
+  print(f"peak memory     {r['xla_peak'] / 2**30:.2f} GiB (XLA buffers)"
         + (f", {device_stats['peak_bytes_in_use'] / 2**30:.2f} GiB (allocator peak)"
            if "peak_bytes_in_use" in device_stats else f", {rss:.2f} GiB (process peak RSS)"))
-  print(f"loss            {float(out['loss']):.4f} (finite: {bool(out['finite'])})")
+  print(f"loss            {r['loss']:.4f} (finite: {r['finite']})")
 
 
 if __name__ == "__main__":

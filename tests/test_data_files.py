@@ -167,3 +167,23 @@ def test_camvid_void_becomes_ignore_and_images_are_decoded_exactly(tmp_path):
   assert example["name"] == "f2.png" and len(CamVid("val", data_dir=str(root))) == 4
   with pytest.raises(JaxsegError, match=r"no such directory"):
     CamVid("test", data_dir=str(root))
+
+
+def test_training_skips_counts_and_evaluates_by_sliding_window(tmp_path):
+  """The loop end to end on a damaged CamVid folder: a truncated train image and a missing
+  val label are skipped and counted; val frames are larger than the window, so evaluation
+  slides it."""
+  from jaxseg.train import segmentation  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  root = _camvid(tmp_path / "data", n=6, size=(24, 40))  # a batch of 8 meets every one
+  _break(root, "truncated image")
+  (root / "valannot" / "f3.png").unlink()
+  config = helpers.tiny_config(steps=1, **{
+      "data.name": "camvid", "data.data_dir": str(root), "data.crop_size": (16, 16),
+      "data.eval_window": (16, 24), "data.skip_bad_examples": True,
+      "train.checkpoint_every": 10})
+  summary = segmentation.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["skipped_examples"] == 2 and summary["eval_window"] == [16, 24]
+  assert summary["eval_examples"] == 5 and summary["steps"] == 1
+  log = (tmp_path / "run" / "skipped_examples.jsonl").read_text()
+  assert "f1.png: corrupt or truncated image" in log

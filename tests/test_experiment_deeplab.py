@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import helpers
+
 from jaxseg import backbones, weights
 from jaxseg.weights import store
 
@@ -68,7 +70,15 @@ def test_two_steps_end_to_end_writes_every_output(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--backbone=resnet18"], "error: unknown --backbone='resnet18'; valid choices: resnet101, "
                               "resnet50, xception"),
-    (["--dataset=imagenet"], "error: unknown --dataset='imagenet'; valid choices: synthetic"),
+    (["--dataset=imagenet"], "error: unknown --dataset='imagenet'; valid choices: camvid, "
+                             "cityscapes, coco, synthetic"),
+    (["--dataset=camvid"], "error: dataset camvid is read from disk: pass --data_dir=PATH"),
+    (["--dataset=cityscapes", "--data_dir=/nowhere"],
+     "error: /nowhere/leftImg8bit/train: no such directory (Cityscapes train images)"),
+    (["--dataset=camvid", f"--data_dir={helpers.CAMVID}", "--config.data.options.classes=voc"],
+     "error: --config.data.options.classes: dataset camvid takes skip_bad_examples"),
+    (["--dataset=camvid", f"--data_dir={helpers.CAMVID}", "--config.data.crop_size=(1,2,3)"],
+     "error: --config.data.crop_size=(1, 2, 3) must be two numbers"),
     (["--config.train.stepz=3"], "error: unknown config key --config.train.stepz; valid keys "
                                  "under train: batch_size,"),
     (["--config.model.dtype=float16"], "error: unknown --config.model.dtype='float16'; valid "

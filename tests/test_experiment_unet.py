@@ -1,4 +1,5 @@
-"""`python -m experiments.unet` end to end (2 steps, narrow widths) and its one-line errors."""
+"""`python -m experiments.unet` end to end (2 steps, narrow widths, on the real CamVid copy)
+and its one-line errors."""
 
 import json
 import os
@@ -7,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -19,7 +22,8 @@ def _unet(*args, timeout=600):
 
 def test_attention_variant_end_to_end_writes_attention_figure(tmp_path):
   workdir = tmp_path / "run"
-  result = _unet("--variant=attention", f"--workdir={workdir}", "--config.data.image_size=32",
+  result = _unet("--variant=attention", f"--workdir={workdir}", "--dataset=camvid",
+                 f"--data_dir={helpers.CAMVID}", "--config.data.crop_size=32",
                  "--config.model.features=8", "--config.model.depth=3",
                  "--config.train.steps=2", "--config.train.batch_size=2",
                  "--config.train.num_eval_examples=4", "--config.train.num_prediction_images=2")
@@ -27,6 +31,9 @@ def test_attention_variant_end_to_end_writes_attention_figure(tmp_path):
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["model"] == "attention_unet" and summary["steps"] == 2
   assert summary["backbone"] is None and summary["devices"] == 2
+  # Trained on 32x32 crops, evaluated on whole 360x480 val frames.
+  assert summary["dataset"] == "camvid" and summary["eval_examples"] == 4
+  assert len(summary["per_class_iou"]) == 11 and summary["skipped_examples"] == 0
   for picture in ("predictions.png", "attention.png"):
     assert (workdir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "attention.png" in result.stdout.strip().splitlines()[-1]

@@ -421,7 +421,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "model": config.model.name, "backbone": config.model.backbone,
       "pretrained": (f"{pretrained_meta['source']}:{pretrained_meta['arch']}"
                      if pretrained_meta else None),
-      "dataset": config.data.name, "image_size": list(image_shape[:2]),
+      "dataset": config.data.name, "image_size": list(image_shape[:2]),  # training crops
+      "eval_window": list(data.eval_window) if data.eval_window else None,  # None: whole images
       "num_params": num_params, "dtype": jnp.dtype(dtype).name,
       "devices": mesh.devices.size, "platform": jax.default_backend(),
       "global_batch_size": config.train.batch_size,

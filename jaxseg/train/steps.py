@@ -83,14 +83,20 @@ def window_starts(size: int, window: int, overlap: float = 1 / 3) -> list[int]:
 def sliding_logits(apply: Callable, images, window: tuple[int, int], num_classes: int):
   """Average of the float32 logits of overlapping `window` crops; every pixel is covered.
 
-  The windows are a static grid (shapes are known at trace time) run as one batch, so this
-  is a single model call per eval step.
+  The windows run one after another through `lax.map`: one traced copy of the model (compile
+  time does not grow with the window count) and one window's activations live at a time (a
+  1024x2048 Cityscapes batch does not need nine windows' worth of memory).
   """
-  b, h, w = images.shape[:3]
+  b, h, w, c = images.shape
   wh, ww = min(window[0], h), min(window[1], w)
   boxes = [(y, x) for y in window_starts(h, wh) for x in window_starts(w, ww)]
-  crops = jnp.concatenate([images[:, y:y + wh, x:x + ww] for y, x in boxes])
-  logits = apply(crops).astype(jnp.float32).reshape(len(boxes), b, wh, ww, num_classes)
+  starts = jnp.asarray(boxes, jnp.int32)
+
+  def one(start):
+    crop = jax.lax.dynamic_slice(images, (0, start[0], start[1], 0), (b, wh, ww, c))
+    return apply(crop).astype(jnp.float32)
+
+  logits = jax.lax.map(one, starts)  # (windows, b, wh, ww, K)
   total = jnp.zeros((b, h, w, num_classes), jnp.float32)
   count = np.zeros((h, w), np.float32)
   for i, (y, x) in enumerate(boxes):
