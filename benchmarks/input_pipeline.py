@@ -50,9 +50,8 @@ def pipeline_rate(source, workers: int, batch_size: int, batches: int,
   """(seconds to the first batch, images/s over the following `batches`)."""
   loader = pipeline.train_loader(
       source, batch_size=batch_size, seed=0, worker_count=workers,
-      operations=[pipeline.DropBadExamples(),
-                  pipeline.ValidateLabels(source.num_classes, source.ignore_index),
-                  transforms.Augment(crop)])
+      operations=[pipeline.DropBadExamples(), transforms.Augment(crop),
+                  pipeline.ValidateLabels(source.num_classes, source.ignore_index)])
   iterator = iter(loader)
   t = time.perf_counter()
   next(iterator)
@@ -74,7 +73,7 @@ def main():
   parser.add_argument("--crop", type=int, nargs=2, default=[512, 1024])
   parser.add_argument("--images", type=int, default=64, help="upscaled images to cycle over")
   parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--batches", type=int, default=8, help="timed batches per setting")
+  parser.add_argument("--batches", type=int, default=12, help="timed batches per setting")
   parser.add_argument("--backbone", default="resnet50")
   parser.add_argument("--train_batch_size", type=int, default=2)
   parser.add_argument("--train_steps", type=int, default=2, help="0 skips the train step")

@@ -27,7 +27,16 @@ def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
 
   n = len(images)
-  fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.8), squeeze=False)
+  # The legend lists the classes in the picture only: COCO's 81 (or 171) would not fit.
+  shown = np.unique(np.concatenate([np.unique(labels), np.unique(predictions)]))
+  handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="k", label=class_names[k])
+             for k in shown if k < len(class_names)]
+  if (labels == ignore_index).any():
+    handles.append(Patch(facecolor="white", edgecolor="k", label=f"ignore ({ignore_index})"))
+  ncol = min(len(handles), 5) or 1
+  legend_height = 0.3 * -(-len(handles) // ncol) + 0.2
+  height = 2.5 * n + legend_height + (0.35 if title else 0)
+  fig, axes = plt.subplots(n, 3, figsize=(7.5, height), squeeze=False)
   for i in range(n):
     columns = (images[i], colorize(labels[i], palette, ignore_index),
                colorize(predictions[i], palette, ignore_index))
@@ -37,14 +46,10 @@ def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
       axes[i, j].set_yticks([])
       if i == 0:
         axes[i, j].set_title(name)
-  handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="k", label=name)
-             for name, c in zip(class_names, palette)]
-  handles.append(Patch(facecolor="white", edgecolor="k", label=f"ignore ({ignore_index})"))
-  fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+  fig.legend(handles=handles, loc="lower center", ncol=ncol, frameon=False)
   if title:
     fig.suptitle(title)
-  height = 2.5 * n + 0.8
-  fig.tight_layout(rect=(0, 0.6 / height, 1, 1 - (0.35 / height if title else 0)))
+  fig.tight_layout(rect=(0, legend_height / height, 1, 1 - (0.35 / height if title else 0)))
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path

@@ -133,3 +133,38 @@ def test_sliding_window_equals_whole_image_for_a_per_pixel_model():
   apply = lambda x: x @ weights  # a 1x1 conv: context-free, so windows cannot change it
   np.testing.assert_allclose(steps.sliding_logits(apply, images, (8, 12), 5), apply(images),
                              rtol=1e-5, atol=1e-5)
+
+
+class _Draws:
+  """A generator stand-in returning the given draws in order (random() and uniform())."""
+
+  def __init__(self, *draws):
+    self.draws = list(draws)
+
+  def random(self):
+    return self.draws.pop(0)
+
+  def uniform(self, low, high):
+    return self.draws.pop(0)
+
+
+JITTER = dict(brightness=32, contrast=0.5, saturation=0.5, hue=18)
+
+
+def test_jitter_ops_do_what_they_say():
+  image = np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8)
+  # Draws: (apply?, amount) for brightness, contrast, saturation, hue; 0.9 = skip.
+  brighter = transforms.photometric(image, _Draws(0.1, 20.0, 0.9, 0.9, 0.9), **JITTER)
+  np.testing.assert_array_equal(brighter, np.clip(image.astype(int) + 20, 0, 255))
+  contrast = transforms.photometric(image, _Draws(0.9, 0.1, 1.4, 0.9, 0.9), **JITTER)
+  np.testing.assert_allclose(contrast, np.clip(image * 1.4, 0, 255), atol=1)
+  grey = transforms.photometric(image, _Draws(0.9, 0.9, 0.1, 0.0, 0.9), **JITTER)
+  luma = image @ np.array([0.299, 0.587, 0.114])
+  np.testing.assert_allclose(grey, np.repeat(luma[..., None], 3, -1), atol=1)
+  # A hue turn keeps luma (up to clipping and rounding) and moves the colours.
+  turned = transforms.photometric(image, _Draws(0.9, 0.9, 0.9, 0.1, 18.0), **JITTER)
+  unclipped = (turned > 0).all(-1) & (turned < 255).all(-1)
+  np.testing.assert_allclose((turned @ np.array([0.299, 0.587, 0.114]))[unclipped],
+                             luma[unclipped], atol=1.5)
+  assert np.abs(turned.astype(int) - image).max() > 10
+  assert transforms.photometric(image, _Draws(0.9, 0.9, 0.9, 0.9), **JITTER) is image

@@ -44,25 +44,48 @@ def scale_crop(image: np.ndarray, label: np.ndarray, scale: float, crop: tuple[i
   return out_image, out_label
 
 
+# RGB <-> YIQ (NTSC): hue is an angle in the I-Q plane, Y (luma) stays.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                        [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def colour_matrix(rng: np.random.Generator, *, brightness: float, contrast: float,
+                  saturation: float, hue: float) -> np.ndarray | None:
+  """mmsegmentation's PhotoMetricDistortion as one affine colour map (3, 4), or None.
+
+  Brightness shift, contrast scale, saturation (blend with luma) and hue rotation (in the YIQ
+  plane), each drawn with probability 1/2 and in that order, are all linear in RGB: composing
+  them costs one pass over the pixels instead of four plus two HSV conversions (which made
+  jitter the slowest step of the pipeline at 512x1024).
+  """
+  matrix, offset, changed = np.eye(3), np.zeros(3), False
+  if brightness and rng.random() < 0.5:
+    offset += rng.uniform(-brightness, brightness)
+    changed = True
+  if contrast and rng.random() < 0.5:
+    a = rng.uniform(1 - contrast, 1 + contrast)
+    matrix, offset, changed = a * matrix, a * offset, True
+  if saturation and rng.random() < 0.5:
+    s = rng.uniform(1 - saturation, 1 + saturation)
+    blend = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), _RGB_TO_YIQ[0])
+    matrix, offset, changed = blend @ matrix, blend @ offset, True
+  if hue and rng.random() < 0.5:
+    t = np.deg2rad(rng.uniform(-hue, hue))
+    rotate = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    turn = _YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ
+    matrix, offset, changed = turn @ matrix, turn @ offset, True
+  return np.concatenate([matrix, offset[:, None]], axis=1) if changed else None
+
+
 def photometric(image: np.ndarray, rng: np.random.Generator, *, brightness: float,
                 contrast: float, saturation: float, hue: float) -> np.ndarray:
-  """mmsegmentation's PhotoMetricDistortion: each of brightness shift, contrast, saturation and
-  hue shift applied with probability 1/2, in that order."""
-  x = image.astype(np.float32)
-  if brightness and rng.random() < 0.5:
-    x += rng.uniform(-brightness, brightness)
-  if contrast and rng.random() < 0.5:
-    x *= rng.uniform(1 - contrast, 1 + contrast)
-  if saturation and rng.random() < 0.5:
-    grey = x @ np.array([0.299, 0.587, 0.114], np.float32)
-    x = grey[..., None] + (x - grey[..., None]) * rng.uniform(1 - saturation, 1 + saturation)
-  x = np.clip(x, 0, 255).astype(np.uint8)
-  if hue and rng.random() < 0.5:
-    hsv = np.asarray(Image.fromarray(x).convert("HSV")).copy()
-    shift = int(round(rng.uniform(-hue, hue) * 256 / 360))  # PIL's H channel is 0..255
-    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + shift) % 256
-    x = np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
-  return x
+  """Random colour jitter (see `colour_matrix`), applied by PIL in C, clipped to 0..255."""
+  affine = colour_matrix(rng, brightness=brightness, contrast=contrast, saturation=saturation,
+                         hue=hue)
+  if affine is None:
+    return image
+  return np.asarray(Image.fromarray(image).convert("RGB", tuple(affine.ravel().tolist())))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -177,19 +177,27 @@ def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index,
 
 def evaluate(eval_step, state, source, mesh, batch_size, num_classes, validate,
              num_examples=None, keep=0, operations=()):
-  """Confusion matrix over the split (summed in int64) and the first `keep` predictions."""
+  """Confusion matrix over the split (summed in int64) and `keep` predictions spread evenly
+  over the split (consecutive video frames would show one scene `keep` times)."""
   confusion = np.zeros((num_classes, num_classes), np.int64)
   kept = {"image": [], "label": [], "prediction": []}
   local = batch_size // jax.process_count()
+  n = len(source) if num_examples is None else min(num_examples, len(source))
+  wanted = {i * n // keep for i in range(keep)} if keep else set()
+  mine = range(jax.process_index(), n, jax.process_count())  # eval_batches' order
+  position = 0
   for batch in pipeline.eval_batches(source, local, num_examples, validate,
                                      jax.process_index(), jax.process_count(), operations):
     cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
     confusion += np.asarray(jax.device_get(cm), np.int64)
-    if len(kept["image"]) < keep:
+    rows = [i for i in range(local) if batch["mask"][i] and position + i < len(mine)
+            and mine[position + i] in wanted]
+    position += local
+    if rows and len(kept["image"]) < keep:
       # This process's rows only: the global array spans every host's batch.
       shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
       predictions = np.concatenate([np.asarray(s.data) for s in shards])
-      for i in np.flatnonzero(batch["mask"])[:keep - len(kept["image"])]:
+      for i in rows[:keep - len(kept["image"])]:
         kept["image"].append(batch["image"][i])
         kept["label"].append(batch["label"][i])
         kept["prediction"].append(predictions[i])
@@ -241,14 +249,16 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   window = None if window == (0, 0) else window  # (0, 0): whole images
   eval_size = _pair(config.data.eval_size, "eval_size") or spec.eval_size
   skip_log = os.path.join(workdir, "skipped_examples.jsonl")
-  operations = [pipeline.DropBadExamples(skip_log),
-                pipeline.ValidateLabels(train.num_classes, ignore, repr(train))]
+  operations = [pipeline.DropBadExamples(skip_log)]
   if crop is not None:
     operations.append(transforms.Augment(crop, scales[0], scales[1], flip=config.data.flip,
                                          ignore_index=ignore,
                                          **({} if config.data.photometric else
                                             dict(brightness=0, contrast=0, saturation=0,
                                                  hue=0))))
+  # After the crop: the same check on a fraction of the pixels (resampling is nearest, so it
+  # cannot create label values, and a bad value outside every crop never reaches a step).
+  operations.append(pipeline.ValidateLabels(train.num_classes, ignore, repr(train)))
   loader = pipeline.train_loader(train, batch_size=local_batch, seed=config.train.seed,
                                  operations=operations, worker_count=config.data.worker_count)
   image_shape = (*crop, 3) if crop else tuple(np.asarray(train[0]["image"]).shape)
