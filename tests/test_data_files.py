@@ -86,7 +86,7 @@ def test_labels_must_be_single_channel(tmp_path):
   palette.save(tmp_path / "p.png")
   np.testing.assert_array_equal(files.read_label(str(tmp_path / "p.png")), RGB[..., 0] % 5)
   Image.fromarray(np.full((4, 4), 300, np.uint16)).save(tmp_path / "wide.png")
-  with pytest.raises(files.BadExample, match=r"wide\.png: label values up to 300"):
+  with pytest.raises(files.BadExample, match=r"wide\.png: label values 300..300 do not fit"):
     files.read_label(str(tmp_path / "wide.png"))
 
 

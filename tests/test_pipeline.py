@@ -1,5 +1,7 @@
 """Input pipeline: seeded shuffling, exact iterator restore, eval padding, label validation."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -45,6 +47,7 @@ def test_eval_batches_pad_and_mask():
   source = get_dataset("synthetic", "val", image_size=16, num_examples=5)
   batches = list(pipeline.eval_batches(source, 4))
   assert [b["mask"].tolist() for b in batches] == [[True] * 4, [True, False, False, False]]
+  assert [b["index"].tolist() for b in batches] == [[0, 1, 2, 3], [4, -1, -1, -1]]
   np.testing.assert_array_equal(batches[1]["image"][0], source[4]["image"])
   assert batches[1]["image"].shape == (4, 16, 16, 3) and batches[1]["label"].dtype == np.uint8
 
@@ -100,4 +103,19 @@ def test_prefetch_raises_the_reader_error_in_the_consumer():
                             put=lambda b: b)
   with pytest.raises(JaxsegError, match="label values"):
     next(ahead)
+  with pytest.raises(JaxsegError, match="label values"):  # again, rather than hang
+    next(ahead)
   ahead.close()
+  with pytest.raises(JaxsegError, match=r"--config.data.prefetch=0 must be at least 1"):
+    pipeline.Prefetch(iter([]), put=lambda b: b, size=0)
+
+
+def test_prefetch_close_unblocks_a_reader_waiting_on_a_full_queue():
+  source = get_dataset("synthetic", "train", image_size=16, num_examples=40)
+  ahead = pipeline.Prefetch(iter(_loader(source)), put=lambda b: b, size=1)
+  next(ahead)
+  time.sleep(0.5)  # the thread has filled the queue and waits to put the next batch
+  ahead.close()
+  assert not ahead._thread.is_alive()  # pylint: disable=protected-access
+  with pytest.raises(RuntimeError, match="closed"):
+    next(ahead)

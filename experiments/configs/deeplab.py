@@ -8,6 +8,11 @@ DeepLabV3+ on the synthetic shapes (the main job). More:
 The defaults train ResNet-101 DeepLabV3+ from scratch in under 10 minutes on a 2-core CPU
 (compile included) and reach a val mIoU above 0.5 on the synthetic shapes; on an accelerator
 raise data.image_size, train.batch_size and train.steps.
+
+Real data (crop size, scales and evaluation from the dataset's defaults, jaxseg.data.DATASETS):
+
+    python -m experiments.deeplab --backbone=resnet50 --dataset=camvid \
+        --data_dir=../shared/data/camvid
 """
 
 import ml_collections

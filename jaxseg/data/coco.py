@@ -282,9 +282,10 @@ class CocoSegmentation(FileSource):
 
   An image with no annotations, or none of the chosen classes, is a valid all-background
   example; COCO has ~1% such images and semantic segmentation trains on them.
-  `min_labelled_area` drops images whose annotations of the chosen classes (crowds included)
-  have JSON `area` summing to at most this many pixels: torchvision's reference uses 1000 on
-  its train split (classes="voc", min_labelled_area=1000 reproduces that list).
+  `min_labelled_area` drops train images whose annotations of the chosen classes (crowds
+  included) have JSON `area` summing to at most this many pixels: torchvision's reference uses
+  1000 on its train split (classes="voc", min_labelled_area=1000 reproduces that list). Other
+  splits keep every image, so evaluation stays comparable.
 
   labels="panoptic": the panoptic PNGs (segment id = R + 256 G + 256^2 B), each segment's
   category from the JSON, its categories in id order as classes 0..132 for COCO's 133, id 0
@@ -434,7 +435,8 @@ class CocoSegmentation(FileSource):
       if image_id in bad:
         continue
       image = images[image_id]
-      if min_labelled_area is not None and not (
+      # Train only, as torchvision: evaluation keeps every val image.
+      if min_labelled_area is not None and self.split == "train" and not (
           image["annotations"] and image["area"] > min_labelled_area):
         dropped += 1
         continue

@@ -10,6 +10,7 @@ other library in the process turned it on.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -40,16 +41,28 @@ def _open(path: str, what: str) -> Image.Image:
     raise BadExample(f"{path}: not a readable {what} ({e})") from None
 
 
+_TRUNCATED_LOCK = threading.Lock()
+
+
 def _load(image: Image.Image, path: str, what: str) -> Image.Image:
-  """Decodes fully; truncated or corrupt data is an error, never grey fill."""
-  previous = ImageFile.LOAD_TRUNCATED_IMAGES
-  ImageFile.LOAD_TRUNCATED_IMAGES = False
+  """Decodes fully; truncated or corrupt data is an error, never grey fill.
+
+  PIL's switch for grey fill is a global. It is normally off and left alone (grain decodes in
+  several threads at once); if some other library turned it on, it is turned off around each
+  decode under a lock, which serialises our decodes only in that case.
+  """
   try:
-    image.load()
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+      image.load()
+    else:
+      with _TRUNCATED_LOCK:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+          image.load()
+        finally:
+          ImageFile.LOAD_TRUNCATED_IMAGES = True
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise BadExample(f"{path}: corrupt or truncated {what} ({e})") from None
-  finally:
-    ImageFile.LOAD_TRUNCATED_IMAGES = previous
   return image
 
 
@@ -79,13 +92,13 @@ def read_label(path: str) -> np.ndarray:
   """uint8 (H, W) class ids from a single-channel (L or palette) PNG; the palette is ignored."""
   with _open(path, "label") as image:
     image = _load(image, path, "label")
-    if image.mode in ("L", "P"):
+    if image.mode in ("L", "P", "1"):
       return np.asarray(image, np.uint8).copy()
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):
       array = np.asarray(image)
-      if array.size and int(array.max()) > 255:
-        raise BadExample(f"{path}: label values up to {int(array.max())} do not fit the uint8 "
-                         "class ids jaxseg uses")
+      if array.size and (int(array.max()) > 255 or int(array.min()) < 0):
+        raise BadExample(f"{path}: label values {int(array.min())}..{int(array.max())} do not "
+                         "fit the uint8 class ids jaxseg uses")
       return array.astype(np.uint8)
     raise BadExample(f"{path}: label has mode {image.mode} ({len(image.getbands())} channels); "
                      "expected a single-channel map of class ids (colour-coded labels must be "

@@ -125,22 +125,22 @@ def train_loader(source, *, batch_size: int, seed: int, operations: Sequence = (
 
 def eval_batches(source, batch_size: int, num_examples: int | None = None,
                  validate: ValidateLabels | None = None, process_index: int = 0,
-                 process_count: int = 1, operations: Sequence[grain.MapTransform] = ()
-                 ) -> Iterator[dict[str, np.ndarray]]:
+                 process_count: int = 1, operations: Sequence[grain.MapTransform] = (),
+                 skip_log: str | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Every example once over all processes, in order; padding is marked by `mask` = False.
 
   Process p reads examples p, p + P, p + 2P, ... in `batch_size` (its share of the global
   batch) chunks; every process yields the same number of batches, as a collective step needs.
   `operations` (e.g. transforms.PadTo) map each example after validation. A skipped bad
-  example ({BAD_KEY: ...}) is logged and left out: its slot is padding, so the others still
-  count once.
+  example ({BAD_KEY: ...}) is logged (to `skip_log` too) and left out: its slot is padding,
+  so the others still count once. `index` gives each row's example index (-1: padding).
   """
   n = len(source) if num_examples is None else min(num_examples, len(source))
   if n == 0:
     raise JaxsegError(f"{source!r} has no examples to evaluate")
   mine = list(range(process_index, n, process_count))
   per_process = -(-n // process_count)
-  drop = DropBadExamples()
+  drop = DropBadExamples(skip_log)
 
   def read(i):
     example = source[i]
@@ -154,7 +154,9 @@ def eval_batches(source, batch_size: int, num_examples: int | None = None,
 
   fallback = None
   for start in range(0, per_process, batch_size):
-    examples = [e for e in map(read, mine[start:start + batch_size]) if e is not None]
+    chunk = [(i, read(i)) for i in mine[start:start + batch_size]]
+    indices = [i for i, e in chunk if e is not None]
+    examples = [e for _, e in chunk if e is not None]
     mask = np.zeros(batch_size, bool)
     mask[:len(examples)] = True
     # Padding repeats a real example (the first readable one where this process ran out or
@@ -162,10 +164,14 @@ def eval_batches(source, batch_size: int, num_examples: int | None = None,
     if examples:
       fallback = examples[-1]
     elif fallback is None:
-      fallback = next(e for e in map(read, range(n)) if e is not None)
+      fallback = next((e for e in map(read, range(n)) if e is not None), None)
+      if fallback is None:
+        raise JaxsegError(f"{source!r}: every example to evaluate was skipped as bad")
+    index = np.full(batch_size, -1, np.int64)
+    index[:len(indices)] = indices
     examples += [fallback] * (batch_size - len(examples))
     yield {"image": np.stack([e["image"] for e in examples]),
-           "label": np.stack([e["label"] for e in examples]), "mask": mask}
+           "label": np.stack([e["label"] for e in examples]), "mask": mask, "index": index}
 
 
 class Prefetch:
@@ -176,11 +182,15 @@ class Prefetch:
   """
 
   def __init__(self, iterator, put: Callable[[Any], Any], size: int = 2):
+    if size < 1:
+      raise JaxsegError(f"--config.data.prefetch={size} must be at least 1 (batches read "
+                        "ahead; 1 still overlaps one read with the step)")
     self._iterator, self._put, self._size = iterator, put, size
     self._queue: queue.Queue | None = None
     self._state = None
     self._thread = None
     self._stop = threading.Event()
+    self._error: BaseException | None = None  # once raised, raised again by every next()
 
   def set_state(self, state) -> None:
     if self._thread is not None:
@@ -195,31 +205,38 @@ class Prefetch:
     if hasattr(self._iterator, "start_prefetch"):
       self._iterator.start_prefetch()
 
+  def _offer(self, item) -> None:
+    """Queues `item` unless asked to stop first (the consumer may never read again)."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
   def _run(self):
     try:
       while not self._stop.is_set():
         batch = next(self._iterator)
-        item = (self._put(batch), self._iterator.get_state(), None)
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        self._offer((self._put(batch), self._iterator.get_state(), None))
     except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
-      self._queue.put((None, None, e))
+      self._offer((None, None, e))
 
   def __iter__(self):
     return self
 
   def __next__(self):
+    if self._error is not None:
+      raise self._error
+    if self._stop.is_set():
+      raise RuntimeError("Prefetch is closed")
     if self._thread is None:
       self._queue = queue.Queue(self._size)
       self._thread = threading.Thread(target=self._run, daemon=True, name="prefetch")
       self._thread.start()
     batch, state, error = self._queue.get()
     if error is not None:
-      self._stop.set()
+      self._error = error  # the thread has ended: say so again rather than block
       raise error
     self._state = state
     return batch
@@ -228,7 +245,11 @@ class Prefetch:
     """Stops reading ahead and the loader's worker processes."""
     self._stop.set()
     if self._thread is not None:
-      self._thread.join(timeout=10)
+      while self._thread.is_alive():  # unblock a reader waiting on a full queue
+        try:
+          self._queue.get_nowait()
+        except queue.Empty:
+          self._thread.join(timeout=0.1)
     close_iterator(self._iterator)
 
 

@@ -176,23 +176,23 @@ def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index,
 
 
 def evaluate(eval_step, state, source, mesh, batch_size, num_classes, validate,
-             num_examples=None, keep=0, operations=()):
+             num_examples=None, keep=0, operations=(), skip_log=None):
   """Confusion matrix over the split (summed in int64) and `keep` predictions spread evenly
-  over the split (consecutive video frames would show one scene `keep` times)."""
+  over this process's examples (consecutive video frames would show one scene `keep` times).
+  """
   confusion = np.zeros((num_classes, num_classes), np.int64)
   kept = {"image": [], "label": [], "prediction": []}
   local = batch_size // jax.process_count()
   n = len(source) if num_examples is None else min(num_examples, len(source))
-  wanted = {i * n // keep for i in range(keep)} if keep else set()
-  mine = range(jax.process_index(), n, jax.process_count())  # eval_batches' order
-  position = 0
+  mine = range(jax.process_index(), n, jax.process_count())  # eval_batches' share
+  wanted = {mine[i * len(mine) // keep] for i in range(keep)} if keep and len(mine) else set()
   for batch in pipeline.eval_batches(source, local, num_examples, validate,
-                                     jax.process_index(), jax.process_count(), operations):
+                                     jax.process_index(), jax.process_count(), operations,
+                                     skip_log):
+    index = batch.pop("index")
     cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
     confusion += np.asarray(jax.device_get(cm), np.int64)
-    rows = [i for i in range(local) if batch["mask"][i] and position + i < len(mine)
-            and mine[position + i] in wanted]
-    position += local
+    rows = [i for i in range(local) if index[i] in wanted]
     if rows and len(kept["image"]) < keep:
       # This process's rows only: the global array spans every host's batch.
       shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
@@ -236,8 +236,9 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
              **chosen}
   unknown = sorted(set(chosen) - set(spec.options))
   if unknown:
+    takes = [k for k in spec.options if k in config.data.options]
     raise JaxsegError(f"--config.data.options.{unknown[0]}: dataset {config.data.name} takes "
-                      f"{', '.join(spec.options) or 'no options'}")
+                      f"{', '.join(f'data.options.{k}' for k in takes) or 'no options'}")
   kwargs = {k: v for k, v in options.items() if k in spec.options}
   data_dir = config.data.data_dir or None
   train = get_dataset(config.data.name, "train", data_dir=data_dir, **kwargs)
@@ -247,6 +248,10 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   scales = _pair(config.data.scale_range, "scale_range", float) or spec.scale_range
   window = _pair(config.data.eval_window, "eval_window") or spec.eval_window
   window = None if window == (0, 0) else window  # (0, 0): whole images
+  for key, value in (("crop_size", crop), ("eval_window", window), ("eval_size", eval_size)):
+    if value is not None and min(value) < 1:
+      raise JaxsegError(f"--config.data.{key}={value} must be positive"
+                        + (" (or (0, 0) for whole images)" if key == "eval_window" else ""))
   eval_size = _pair(config.data.eval_size, "eval_size") or spec.eval_size
   skip_log = os.path.join(workdir, "skipped_examples.jsonl")
   operations = [pipeline.DropBadExamples(skip_log)]
@@ -306,7 +311,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                size=config.data.prefetch)
   start, earlier = 0, {}
   if (latest := ckpt.latest_step()) is not None:
-    state, earlier = ckpt.restore(latest, state, data_iter)
+    try:
+      state, earlier = ckpt.restore(latest, state, data_iter)
+    except BaseException:
+      # The restore may have started grain's workers; a notebook or test process lives on.
+      data_iter.close()
+      ckpt.close()
+      raise
     start = int(jax.device_get(state.step))
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   elif pretrained is not None:
@@ -339,7 +350,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     confusion, kept = evaluate(eval_step, state, val_source, mesh, eval_batch, num_classes,
                                validate, config.train.num_eval_examples or None,
                                keep=config.train.num_prediction_images,
-                               operations=data.eval_operations)
+                               operations=data.eval_operations, skip_log=data.skip_log)
     summary = metrics.summarize(confusion)
     eval_seconds += time.perf_counter() - t
     writer.write(step, {**train_rows.pop(step, {}),

@@ -83,25 +83,27 @@ def window_starts(size: int, window: int, overlap: float = 1 / 3) -> list[int]:
 def sliding_logits(apply: Callable, images, window: tuple[int, int], num_classes: int):
   """Average of the float32 logits of overlapping `window` crops; every pixel is covered.
 
-  The windows run one after another through `lax.map`: one traced copy of the model (compile
-  time does not grow with the window count) and one window's activations live at a time (a
-  1024x2048 Cityscapes batch does not need nine windows' worth of memory).
+  The windows run one after another in a `fori_loop` that adds each window's logits into the
+  full-size sum: one traced copy of the model (compile time does not grow with the window
+  count) and one window's activations and logits live at a time.
   """
   b, h, w, c = images.shape
   wh, ww = min(window[0], h), min(window[1], w)
   boxes = [(y, x) for y in window_starts(h, wh) for x in window_starts(w, ww)]
   starts = jnp.asarray(boxes, jnp.int32)
-
-  def one(start):
-    crop = jax.lax.dynamic_slice(images, (0, start[0], start[1], 0), (b, wh, ww, c))
-    return apply(crop).astype(jnp.float32)
-
-  logits = jax.lax.map(one, starts)  # (windows, b, wh, ww, K)
-  total = jnp.zeros((b, h, w, num_classes), jnp.float32)
   count = np.zeros((h, w), np.float32)
-  for i, (y, x) in enumerate(boxes):
-    total = total.at[:, y:y + wh, x:x + ww].add(logits[i])
+  for y, x in boxes:
     count[y:y + wh, x:x + ww] += 1
+
+  def add_window(i, total):
+    y, x = starts[i, 0], starts[i, 1]
+    crop = jax.lax.dynamic_slice(images, (0, y, x, 0), (b, wh, ww, c))
+    logits = apply(crop).astype(jnp.float32)
+    here = jax.lax.dynamic_slice(total, (0, y, x, 0), (b, wh, ww, num_classes))
+    return jax.lax.dynamic_update_slice(total, here + logits, (0, y, x, 0))
+
+  total = jax.lax.fori_loop(0, len(boxes), add_window,
+                            jnp.zeros((b, h, w, num_classes), jnp.float32))
   return total / count[None, :, :, None]
 
 
