@@ -207,13 +207,18 @@ def test_min_labelled_area_drops_like_torchvision(tmp_path):
                  _ann(3, 2, 90, [[0, 0, 20, 0, 20, 20]], area=600.0),  # not VOC: not counted
                  _ann(4, 3, 3, [[0, 0, 20, 0, 20, 20]], area=500.0),
                  _ann(5, 3, 3, [[0, 0, 20, 0, 20, 20]], area=501.0, iscrowd=1)]
-  write_coco(tmp_path, [(1, 32, 32), (2, 32, 32), (3, 32, 32), (4, 32, 32)], annotations)
+  images = [(1, 32, 32), (2, 32, 32), (3, 32, 32), (4, 32, 32)]
+  for split in ("train", "val"):
+    write_coco(tmp_path, images, annotations, split=split)
   names = lambda s: [s[i]["name"] for i in range(len(s))]
-  assert len(CocoSegmentation("val", data_dir=str(tmp_path), classes="voc")) == 4
-  voc = CocoSegmentation("val", data_dir=str(tmp_path), classes="voc", min_labelled_area=1000)
+  assert len(CocoSegmentation("train", data_dir=str(tmp_path), classes="voc")) == 4
+  voc = CocoSegmentation("train", data_dir=str(tmp_path), classes="voc", min_labelled_area=1000)
   assert names(voc) == [_name(1), _name(3)]  # crowds count, as in torchvision
-  things = CocoSegmentation("val", data_dir=str(tmp_path), min_labelled_area=1000)
+  things = CocoSegmentation("train", data_dir=str(tmp_path), min_labelled_area=1000)
   assert names(things) == [_name(1), _name(2), _name(3)]
+  # Train only: evaluation keeps every val image, as torchvision's reference does.
+  assert len(CocoSegmentation("val", data_dir=str(tmp_path), classes="voc",
+                              min_labelled_area=1000)) == 4
 
 
 def _good(image_id):

@@ -76,7 +76,7 @@ def test_two_steps_end_to_end_writes_every_output(tmp_path):
     (["--dataset=cityscapes", "--data_dir=/nowhere"],
      "error: /nowhere/leftImg8bit/train: no such directory (Cityscapes train images)"),
     (["--dataset=camvid", f"--data_dir={helpers.CAMVID}", "--config.data.options.classes=voc"],
-     "error: --config.data.options.classes: dataset camvid takes skip_bad_examples"),
+     "error: --config.data.options.classes: dataset camvid takes no options"),
     (["--dataset=camvid", f"--data_dir={helpers.CAMVID}", "--config.data.crop_size=(1,2,3)"],
      "error: --config.data.crop_size=(1, 2, 3) must be two numbers"),
     (["--config.train.stepz=3"], "error: unknown config key --config.train.stepz; valid keys "

@@ -248,11 +248,11 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   scales = _pair(config.data.scale_range, "scale_range", float) or spec.scale_range
   window = _pair(config.data.eval_window, "eval_window") or spec.eval_window
   window = None if window == (0, 0) else window  # (0, 0): whole images
+  eval_size = _pair(config.data.eval_size, "eval_size") or spec.eval_size
   for key, value in (("crop_size", crop), ("eval_window", window), ("eval_size", eval_size)):
     if value is not None and min(value) < 1:
       raise JaxsegError(f"--config.data.{key}={value} must be positive"
                         + (" (or (0, 0) for whole images)" if key == "eval_window" else ""))
-  eval_size = _pair(config.data.eval_size, "eval_size") or spec.eval_size
   skip_log = os.path.join(workdir, "skipped_examples.jsonl")
   operations = [pipeline.DropBadExamples(skip_log)]
   if crop is not None:
