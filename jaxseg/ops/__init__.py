@@ -1,0 +1,1 @@
+"""Image operations in JAX that run inside jitted steps (SLIC superpixels)."""
