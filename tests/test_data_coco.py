@@ -16,7 +16,7 @@ from PIL import Image
 
 from pycocotools import coco as coco_api, mask as mask_api
 
-from jaxseg.data import coco as coco_data
+from jaxseg.data import coco as coco_data, coco_masks
 from jaxseg.data.coco import CocoSegmentation
 from jaxseg.data.files import BAD_KEY, BadExample
 from jaxseg.errors import JaxsegError
@@ -288,7 +288,7 @@ def test_annotation_of_an_unlisted_image(tmp_path):
 def test_nan_polygon_would_hurt_pycocotools_directly():
   # Why the check exists: the polygon is refused before any C code sees it.
   with pytest.raises(ValueError, match="NaN"):
-    coco_data.parse_segmentation([[1.0, 1.0, math.nan, 2.0, 3.0, 3.0]], 10, 10)
+    coco_masks.parse_segmentation([[1.0, 1.0, math.nan, 2.0, 3.0, 3.0]], 10, 10)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -297,11 +297,11 @@ def test_compressed_rle_decoder_matches_pycocotools(seed):
   height, width = 37, 53
   mask = (rng.random((height, width)) < 0.3) | _box_mask(height, width, 5, 5, 30, 40).astype(bool)
   counts = mask_api.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
-  runs = coco_data.rle_string_counts(counts)
+  runs = coco_masks.rle_string_counts(counts)
   assert runs == _uncompressed(mask)["counts"]  # deltas and negative numbers included
-  kind, data = coco_data.parse_segmentation({"size": [height, width], "counts": counts},
+  kind, data = coco_masks.parse_segmentation({"size": [height, width], "counts": counts},
                                             height, width)
-  np.testing.assert_array_equal(coco_data.instance_mask(kind, data, height, width), mask)
+  np.testing.assert_array_equal(coco_masks.instance_mask(kind, data, height, width), mask)
 
 
 def _decode_case(path, case):

@@ -10,9 +10,7 @@ COCO-Stuff annotations.
 Instance annotations are painted into one class map per image with pycocotools (the dataset
 authors' rasteriser, so masks match `COCO.annToMask` pixel for pixel); see `CocoSegmentation`
 for the overlap and crowd rule. Every annotation is validated from the JSON alone before
-pycocotools sees it: its C code trusts its input. A NaN polygon coordinate becomes a huge
-integer there and the outline buffer it allocates runs to gigabytes; RLE counts that do not add
-up to the image decode to garbage or past the end of the mask.
+pycocotools sees it (coco_masks.py says why and how).
 """
 
 from __future__ import annotations
@@ -25,6 +23,8 @@ import numpy as np
 from absl import logging
 
 from jaxseg.data import files
+from jaxseg.data.coco_masks import (describe, instance_mask, is_int, parse_segmentation,
+                                    pycocotools_mask)
 from jaxseg.data.files import BadExample, FileSource, list_pairs, read_image, read_pair
 from jaxseg.errors import JaxsegError, first_line
 
@@ -123,14 +123,6 @@ class _PanopticImage(NamedTuple):
   segment_classes: np.ndarray  # uint8, same order
 
 
-def _mask_api():
-  try:
-    from pycocotools import mask  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise JaxsegError("COCO instance labels need pycocotools: pip install pycocotools") from e
-  return mask
-
-
 def _read_json(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise JaxsegError(f"{path}: no such file ({what})")
@@ -147,122 +139,10 @@ def _read_json(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
   return data
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _key(value):
   """An id usable as a dict key: ints and strings as they are, anything else (a list, a bool)
   as a tuple that equals no valid id."""
-  return value if _is_int(value) or isinstance(value, str) else ("invalid", repr(value))
-
-
-def _describe(value) -> str:
-  if isinstance(value, tuple) and value[:1] == ("invalid",):
-    value = value[1]
-  text = json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
-  return text if len(text) <= 40 else text[:37] + "..."
-
-
-def rle_string_counts(text: str) -> list[int]:
-  """Run lengths of a compressed COCO RLE string, exactly as pycocotools' rleFrString reads it.
-
-  6 bits per character ('0'..'o'), 5 of payload and a continuation bit, the last character's
-  bit 4 a sign; from the fourth run on a run is stored as the difference to the run two
-  before. Raises ValueError where the C code would read past the string, overflow or wrap a
-  negative run into a huge one, so that a string this accepts is safe to hand to pycocotools.
-  """
-  counts: list[int] = []
-  value = shift = 0
-  for char in text:
-    c = ord(char) - 48
-    if not 0 <= c < 64:
-      raise ValueError(f"compressed RLE has the character {char!r} (outside '0'..'o')")
-    value |= (c & 0x1F) << shift
-    shift += 5
-    if c & 0x20:
-      if shift >= 30:  # a 7th character would overflow the C decoder's int shift
-        raise ValueError("compressed RLE has a number longer than 6 characters")
-      continue
-    if c & 0x10:
-      value |= -1 << shift
-    if len(counts) > 2:
-      value += counts[-2]
-    if not 0 <= value < 2**32:
-      raise ValueError(f"compressed RLE decodes to a run of {value} pixels")
-    counts.append(value)
-    value = shift = 0
-  if shift:
-    raise ValueError("compressed RLE ends in the middle of a number")
-  return counts
-
-
-def parse_segmentation(segmentation, height: int, width: int) -> tuple[str, Any]:
-  """(kind, data) of a COCO segmentation that is safe to rasterise at height x width.
-
-  kind "polygons": data is a list of float64 (2k,) arrays; "rle": uint32 run lengths;
-  "rle_string": the compressed string as bytes. Raises ValueError saying what is wrong.
-  """
-  if isinstance(segmentation, list):
-    if not segmentation:
-      raise ValueError("empty polygon list")
-    polygons = []
-    for i, polygon in enumerate(segmentation):
-      try:  # numpy's type inference checks the elements faster than a Python loop
-        xy = np.array(polygon) if isinstance(polygon, list) else None
-      except (ValueError, TypeError):
-        xy = None  # ragged nesting
-      # Strings, None, nested lists and ints too big for int64 give another dtype or shape.
-      if xy is None or xy.ndim != 1 or xy.dtype.kind not in "iuf":
-        raise ValueError(f"polygon {i} is not a list of numbers ({_describe(polygon)})")
-      if len(polygon) < 6:
-        # pycocotools reads a 4-number "polygon" as a box and fewer as garbage.
-        raise ValueError(f"polygon {i} has {len(polygon)} numbers; a polygon needs at least "
-                         "3 points (6 numbers)")
-      if len(polygon) % 2:
-        raise ValueError(f"polygon {i} has an odd number of coordinates ({len(polygon)})")
-      xy = xy.astype(np.float64).reshape(-1, 2)  # the doubles pycocotools would make
-      if not np.isfinite(xy).all():
-        raise ValueError(f"polygon {i} has a NaN or infinite coordinate")
-      # pycocotools draws the outline at 5x scale and allocates for its full length: points
-      # far off the image cost memory for nothing, and no real annotation has them.
-      if ((xy < -np.array([width, height])) | (xy > 2 * np.array([width, height]))).any():
-        raise ValueError(f"polygon {i} has a point far outside the {width}x{height} image")
-      polygons.append(xy.reshape(-1))
-    return "polygons", polygons
-  if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-    size, counts = segmentation["size"], segmentation["counts"]
-    if not (isinstance(size, list) and len(size) == 2 and all(map(_is_int, size))):
-      raise ValueError(f"RLE size {_describe(size)} is not [height, width]")
-    if size != [height, width]:
-      raise ValueError(f"RLE size {size} (h, w) differs from the image's [{height}, {width}]")
-    if isinstance(counts, list):
-      if not all(map(_is_int, counts)) or (counts and not 0 <= min(counts) <= max(counts)
-                                           < 2**32):
-        raise ValueError("uncompressed RLE counts are not all non-negative integers")
-      kind, data, total = "rle", np.asarray(counts, np.uint32), sum(counts)
-    elif isinstance(counts, str):
-      runs = rle_string_counts(counts)
-      kind, data, total = "rle_string", counts.encode("ascii"), sum(runs)
-    else:
-      raise ValueError(f"RLE counts of type {type(counts).__name__}")
-    if total != height * width:
-      raise ValueError(f"RLE counts sum to {total} pixels, not {height}x{width}="
-                       f"{height * width}")
-    return kind, data
-  raise ValueError(f"segmentation of unknown type ({_describe(segmentation)})")
-
-
-def instance_mask(kind: str, data, height: int, width: int) -> np.ndarray:
-  """bool (H, W) mask of a parsed segmentation, rasterised as `COCO.annToMask` does."""
-  mask_api = _mask_api()
-  if kind == "polygons":
-    rle = mask_api.merge(mask_api.frPyObjects(list(data), height, width))
-  elif kind == "rle":
-    rle = mask_api.frPyObjects({"size": [height, width], "counts": data}, height, width)
-  else:
-    rle = {"size": [height, width], "counts": data}
-  return mask_api.decode(rle).astype(bool)
+  return value if is_int(value) or isinstance(value, str) else ("invalid", repr(value))
 
 
 class CocoSegmentation(FileSource):
@@ -315,7 +195,7 @@ class CocoSegmentation(FileSource):
       classes = classes or "things"
       if classes not in ("things", "voc"):
         raise JaxsegError(f"unknown COCO classes {classes!r}; valid choices: things, voc")
-      _mask_api()  # fail now, not in a worker
+      pycocotools_mask()  # fail now, not in a worker
     elif classes is not None:
       raise JaxsegError(f"COCO classes={classes!r} applies to labels='instances'; "
                         f"labels={labels!r} has its own fixed class list")
@@ -362,7 +242,7 @@ class CocoSegmentation(FileSource):
     known = {cat_id for cat_id, _ in THING_CATEGORIES}
     for category in data["categories"]:
       if _key(category.get("id")) not in known:
-        raise JaxsegError(f"{json_path}: category {_describe(category.get('id'))} "
+        raise JaxsegError(f"{json_path}: category {describe(category.get('id'))} "
                           f"({category.get('name')}) is not one of COCO 2017's 80 thing "
                           "categories")
     listed = {category["id"] for category in data["categories"]}
@@ -381,7 +261,7 @@ class CocoSegmentation(FileSource):
       image_id, file_name, height, width = (entry.get(k) for k in ("id", "file_name", "height",
                                                                     "width"))
       image_id = _key(image_id)
-      where = f"{json_path}: image id {_describe(image_id)}"
+      where = f"{json_path}: image id {describe(image_id)}"
       if not _valid_image_entry(entry):
         problems.append(f"{where}: needs an integer or string id, a file_name and positive "
                         "integer height and width")
@@ -398,8 +278,8 @@ class CocoSegmentation(FileSource):
       ann_id = ann.get("id")
       if image_id not in images:
         if image_id not in bad:
-          problems.append(f"{json_path}: annotation {_describe(ann_id)} is of image id "
-                          f"{_describe(image_id)}, which is not in its images list")
+          problems.append(f"{json_path}: annotation {describe(ann_id)} is of image id "
+                          f"{describe(image_id)}, which is not in its images list")
         continue
       if image_id in bad:
         continue  # one message per image
@@ -407,15 +287,15 @@ class CocoSegmentation(FileSource):
       try:
         category = _key(ann.get("category_id"))
         if category not in listed:
-          raise ValueError(f"unknown category id {_describe(category)}")
+          raise ValueError(f"unknown category id {describe(category)}")
         iscrowd = ann.get("iscrowd", 0)
-        if not (_is_int(iscrowd) and iscrowd in (0, 1)):
-          raise ValueError(f"iscrowd is {_describe(iscrowd)}, not 0 or 1")
+        if not (is_int(iscrowd) and iscrowd in (0, 1)):
+          raise ValueError(f"iscrowd is {describe(iscrowd)}, not 0 or 1")
         kind, segment = parse_segmentation(ann.get("segmentation"), image["height"],
                                            image["width"])
       except ValueError as e:
         problems.append(f"{os.path.join(self._image_dir, image['file_name'])}: annotation "
-                        f"{_describe(ann_id)} ({json_name}): {e}")
+                        f"{describe(ann_id)} ({json_name}): {e}")
         bad.add(image_id)
         continue
       if category not in class_of:
@@ -458,7 +338,7 @@ class CocoSegmentation(FileSource):
     if not os.path.isdir(self._png_dir):
       raise JaxsegError(f"{self._png_dir}: no such directory (COCO panoptic PNGs)")
     ids = [c.get("id") for c in data["categories"]]
-    if not all(map(_is_int, ids)) or len(set(ids)) != len(ids) or not 0 < len(ids) < 256:
+    if not all(map(is_int, ids)) or len(set(ids)) != len(ids) or not 0 < len(ids) < 256:
       raise JaxsegError(f"{json_path}: its categories need distinct integer ids (1 to 255 of "
                         "them)")
     categories = sorted(data["categories"], key=lambda c: c["id"])
@@ -471,7 +351,7 @@ class CocoSegmentation(FileSource):
     for entry in data["images"]:
       image_id = _key(entry.get("id"))
       if not _valid_image_entry(entry) or image_id in images:
-        problems.append(f"{json_path}: image id {_describe(image_id)}: needs an integer or "
+        problems.append(f"{json_path}: image id {describe(image_id)}: needs an integer or "
                         "string id of its own, a file_name and positive integer height and "
                         "width")
         bad.add(image_id)
@@ -484,7 +364,7 @@ class CocoSegmentation(FileSource):
       png_path = os.path.join(self._png_dir, str(png_name))
       if image_id not in images:
         if image_id not in bad:
-          problems.append(f"{png_path}: panoptic annotation of image id {_describe(image_id)}, "
+          problems.append(f"{png_path}: panoptic annotation of image id {describe(image_id)}, "
                           "which is not in its images list")
         continue
       try:
@@ -496,12 +376,12 @@ class CocoSegmentation(FileSource):
         ids, classes = [], []
         for segment in segments:
           segment_id, category = segment.get("id"), _key(segment.get("category_id"))
-          if not _is_int(segment_id) or not 0 < segment_id < 256**3:
-            raise ValueError(f"segment id {_describe(segment_id)} is not in 1..{256**3 - 1}")
+          if not is_int(segment_id) or not 0 < segment_id < 256**3:
+            raise ValueError(f"segment id {describe(segment_id)} is not in 1..{256**3 - 1}")
           if segment_id in ids:
             raise ValueError(f"segment {segment_id} is listed twice")
           if category not in class_of:
-            raise ValueError(f"segment {segment_id}: unknown category id {_describe(category)}")
+            raise ValueError(f"segment {segment_id}: unknown category id {describe(category)}")
           ids.append(segment_id)
           classes.append(class_of[category])
       except ValueError as e:
@@ -625,11 +505,11 @@ class CocoSegmentation(FileSource):
 
 
 def _valid_image_entry(entry: dict[str, Any]) -> bool:
-  return ((_is_int(entry.get("id")) or isinstance(entry.get("id"), str))
+  return ((is_int(entry.get("id")) or isinstance(entry.get("id"), str))
           and isinstance(entry.get("file_name"), str) and bool(entry["file_name"])
-          and all(_is_int(entry.get(k)) and entry[k] > 0 for k in ("height", "width")))
+          and all(is_int(entry.get(k)) and entry[k] > 0 for k in ("height", "width")))
 
 
 def _sort_key(value):
   """Image or annotation ids in numeric order (COCO's are ints), any other after them as text."""
-  return (0, value, "") if _is_int(value) else (1, 0, str(value))
+  return (0, value, "") if is_int(value) else (1, 0, str(value))
