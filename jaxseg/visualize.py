@@ -19,16 +19,22 @@ def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255,
 
 def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
                     predictions: np.ndarray, class_names: Sequence[str], palette: np.ndarray,
-                    *, ignore_index: int = 255, title: str | None = None) -> str:
-  """Writes a PNG with one row per example: image | ground truth | prediction, and a legend."""
+                    *, ignore_index: int = 255, title: str | None = None,
+                    extra_columns: dict[str, np.ndarray] | None = None) -> str:
+  """Writes a PNG with one row per example: image | ground truth | prediction, and a legend.
+
+  `extra_columns` {name: label maps (N, H, W)} are shown between ground truth and prediction.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
 
   n = len(images)
+  extra = dict(extra_columns or {})
+  maps = {"ground truth": labels, **extra, "prediction": predictions}
   # The legend lists the classes in the picture only: COCO's 81 (or 171) would not fit.
-  shown = np.unique(np.concatenate([np.unique(labels), np.unique(predictions)]))
+  shown = np.unique(np.concatenate([np.unique(m) for m in maps.values()]))
   handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="k", label=class_names[k])
              for k in shown if k < len(class_names)]
   if (labels == ignore_index).any():
@@ -36,11 +42,11 @@ def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
   ncol = min(len(handles), 5) or 1
   legend_height = 0.3 * -(-len(handles) // ncol) + 0.2
   height = 2.5 * n + legend_height + (0.35 if title else 0)
-  fig, axes = plt.subplots(n, 3, figsize=(7.5, height), squeeze=False)
+  fig, axes = plt.subplots(n, 1 + len(maps), figsize=(2.5 * (1 + len(maps)), height),
+                           squeeze=False)
   for i in range(n):
-    columns = (images[i], colorize(labels[i], palette, ignore_index),
-               colorize(predictions[i], palette, ignore_index))
-    for j, (picture, name) in enumerate(zip(columns, ("image", "ground truth", "prediction"))):
+    columns = [images[i]] + [colorize(m[i], palette, ignore_index) for m in maps.values()]
+    for j, (picture, name) in enumerate(zip(columns, ["image", *maps])):
       axes[i, j].imshow(picture, interpolation="nearest")
       axes[i, j].set_xticks([])
       axes[i, j].set_yticks([])

@@ -52,7 +52,7 @@ def test_node_features_equal_per_segment_masks(seed):
   for k in range(segments.max() + 1):
     mask = segments == k
     ys, xs = np.nonzero(mask)
-    want = np.concatenate([lab[mask].mean(0), lab[mask].std(0), [ys.mean() / h, xs.mean() / w],
+    want = np.concatenate([lab[mask].mean(0), lab[mask].std(0), [(ys.mean() + 0.5) / h, (xs.mean() + 0.5) / w],
                            [mask.sum() / (h * w)],
                            [ys.min() / h, xs.min() / w, (ys.max() + 1) / h, (xs.max() + 1) / w]])
     np.testing.assert_allclose(graph.nodes[k], want, rtol=1e-4, atol=1e-5)

@@ -6,7 +6,7 @@ numpy reductions (`bincount`), and `to_graphs_tuple` / `pad_graphs` make jraph G
 padded to fixed node/edge budgets, so one compilation of a graph network serves every batch.
 
 Node features (13): mean and std of the Lab colour (L/100, a/128, b/128), centroid (y, x)
-as a fraction of the image, area as a fraction of the image, bounding box (y0, x0, y1, x1) as
+of the pixel centres as a fraction of the image, area as a fraction of the image, bounding box (y0, x0, y1, x1) as
 fractions. Edge features (5): the Lab mean difference (3, same scaling), the centroid distance
 (fraction of the image diagonal) and the shared boundary length (pixel contacts over the
 smaller region's perimeter scale, 4 sqrt(area)). Edges are 4-connected adjacencies, stored
@@ -78,6 +78,9 @@ class RegionGraph:
   area: np.ndarray  # int32 (N,) pixels per segment
   targets: np.ndarray | None = None  # uint8 (N,) majority label, ignore_index if none
   ignore_fraction: np.ndarray | None = None  # float32 (N,) share of ignored pixels
+  # int32 (N, num_classes): labelled pixels of each class per node. The pixel confusion matrix
+  # of any node labelling is a sum of these rows, so metrics need no painted label maps.
+  histogram: np.ndarray | None = None
 
 
 def region_graph(segments: np.ndarray, image: np.ndarray, label: np.ndarray | None = None, *,
@@ -102,7 +105,8 @@ def region_graph(segments: np.ndarray, image: np.ndarray, label: np.ndarray | No
   box = np.stack([_segment_min(seg, ys, n), _segment_min(seg, xs, n),
                   _segment_max(seg, ys, n) + 1, _segment_max(seg, xs, n) + 1], -1)
   scale = np.array([h, w], np.float64)
-  nodes = np.concatenate([mean, std, centroid / scale, (area / (h * w))[:, None],
+  # Pixel centres: the mirror image's centroid is then exactly 1 - x (see hflip).
+  nodes = np.concatenate([mean, std, (centroid + 0.5) / scale, (area / (h * w))[:, None],
                           box / np.tile(scale, 2)], -1).astype(np.float32)
 
   senders, receivers, contacts = adjacency(segments)
@@ -116,8 +120,9 @@ def region_graph(segments: np.ndarray, image: np.ndarray, label: np.ndarray | No
   if label is not None:
     if num_classes is None:
       raise JaxsegError("region_graph: num_classes is needed with a label map")
-    graph.targets, graph.ignore_fraction = node_targets(segments, label, num_classes,
-                                                        ignore_index)
+    histogram = class_histogram(segments, label, num_classes, ignore_index)
+    graph.targets, graph.ignore_fraction = _majority(histogram, ignore_index)
+    graph.histogram = histogram[:, :num_classes].astype(np.int32)
   return graph
 
 
@@ -151,10 +156,14 @@ def node_targets(segments: np.ndarray, label: np.ndarray, num_classes: int,
                  ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
   """(majority class per segment, ignore_index where all its pixels are ignored; the share of
   ignored pixels). Ties go to the lower class id."""
-  histogram = class_histogram(segments, label, num_classes, ignore_index)
-  counted = histogram[:, :num_classes]
+  return _majority(class_histogram(segments, label, num_classes, ignore_index), ignore_index)
+
+
+def _majority(histogram: np.ndarray, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+  """node_targets of a class_histogram (its last column counts ignored pixels)."""
+  counted = histogram[:, :-1]
   targets = np.where(counted.sum(1) > 0, counted.argmax(1), ignore_index).astype(np.uint8)
-  return targets, (histogram[:, num_classes] / histogram.sum(1)).astype(np.float32)
+  return targets, (histogram[:, -1] / histogram.sum(1)).astype(np.float32)
 
 
 def nodes_to_pixels(segments: np.ndarray, node_values: np.ndarray) -> np.ndarray:
@@ -169,13 +178,23 @@ def oracle_labels(segments: np.ndarray, label: np.ndarray, num_classes: int,
   return nodes_to_pixels(segments, targets)
 
 
+def hflip(graph: RegionGraph) -> RegionGraph:
+  """The graph of the horizontally mirrored image: x centroid and box mirrored (features past
+  the 13 geometric/colour ones, e.g. pooled CNN features, are kept); edges are unchanged."""
+  nodes = graph.nodes.copy()
+  nodes[:, 7] = 1.0 - graph.nodes[:, 7]
+  nodes[:, 10], nodes[:, 12] = 1.0 - graph.nodes[:, 12], 1.0 - graph.nodes[:, 10]
+  return dataclasses.replace(graph, nodes=nodes)
+
+
 def batch_graphs(graphs: list[RegionGraph], *, max_nodes: int, max_edges: int,
-                 ignore_index: int = 255):
-  """One jraph.GraphsTuple of `graphs`, padded with one padding graph to exactly `max_nodes`
-  nodes, `max_edges` edges and len(graphs) + 1 graphs: the same shapes for every batch.
+                 n_graph: int | None = None, ignore_index: int = 255):
+  """One jraph.GraphsTuple of `graphs`, padded to exactly `max_nodes` nodes, `max_edges` edges
+  and `n_graph` graphs (default len(graphs) + 1): the same shapes for every batch, including
+  a last, smaller one.
 
   Nodes carry {"features", "target", "weight" (pixel count; 0 for padding and for
-  all-ignored segments)}; edges carry their features.
+  all-ignored segments)} and "histogram" when every graph has one; edges carry their features.
   """
   import jraph  # pylint: disable=g-import-not-at-top
   nodes = sum(len(g.nodes) for g in graphs)
@@ -184,21 +203,28 @@ def batch_graphs(graphs: list[RegionGraph], *, max_nodes: int, max_edges: int,
   if nodes + 1 > max_nodes or edges > max_edges:
     raise JaxsegError(f"the batch has {nodes} superpixels and {edges} edges but the budget is "
                       f"{max_nodes - 1} and {max_edges}; raise the budget or lower n_segments")
+  n_graph = len(graphs) + 1 if n_graph is None else n_graph
+  if n_graph < len(graphs) + 1:
+    raise JaxsegError(f"n_graph={n_graph} leaves no room for the padding graph of "
+                      f"{len(graphs)} graphs")
+  with_histogram = all(g.histogram is not None for g in graphs)
   tuples = []
   for g in graphs:
     target = (g.targets if g.targets is not None
               else np.full(len(g.nodes), ignore_index, np.uint8)).astype(np.int32)
     weight = np.where(target == ignore_index, 0.0, g.area).astype(np.float32)
+    nodes = {"features": g.nodes, "target": target, "weight": weight}
+    if with_histogram:
+      nodes["histogram"] = g.histogram
     tuples.append(jraph.GraphsTuple(
-        nodes={"features": g.nodes, "target": target, "weight": weight}, edges=g.edges,
+        nodes=nodes, edges=g.edges,
         senders=g.senders, receivers=g.receivers, n_node=np.array([len(g.nodes)], np.int32),
         n_edge=np.array([len(g.senders)], np.int32), globals=None))
   batch = jraph.batch_np(tuples)
-  return jraph.pad_with_graphs(batch, n_node=max_nodes, n_edge=max_edges,
-                               n_graph=len(graphs) + 1)
+  return jraph.pad_with_graphs(batch, n_node=max_nodes, n_edge=max_edges, n_graph=n_graph)
 
 
-def _boundaries(labels: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+def boundaries(labels: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
   """Pixels whose right or lower neighbour differs (ignored pixels are never boundaries)."""
   edge = np.zeros(labels.shape, bool)
   edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
@@ -216,10 +242,10 @@ def boundary_recall(segments: np.ndarray, label: np.ndarray, tolerance: int = 2,
   """Share of ground-truth boundary pixels within `tolerance` pixels (Chebyshev) of a
   superpixel boundary (Achanta et al.'s SLIC evaluation)."""
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
-  truth = _boundaries(label, ignore_index)
+  truth = boundaries(label, ignore_index)
   if not truth.any():
     return 1.0
-  near = ndimage.binary_dilation(_boundaries(segments),
+  near = ndimage.binary_dilation(boundaries(segments),
                                  np.ones((2 * tolerance + 1,) * 2, bool))
   return float((truth & near).sum() / truth.sum())
 

@@ -76,10 +76,14 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def saved_identity(self, step: int) -> dict[str, Any]:
+    """The identity saved with `step`: model, classes, parameter shapes, preprocessing..."""
+    return dict(self.manager.restore(step, args=ocp.args.Composite(
+        identity=ocp.args.JsonRestore()))["identity"])
+
   def check_identity(self, step: int) -> None:
     """Raises a one-line error if the checkpoint at `step` belongs to another model."""
-    saved = self.manager.restore(step, args=ocp.args.Composite(
-        identity=ocp.args.JsonRestore()))["identity"]
+    saved = self.saved_identity(step)
     mine = self.identity
     described = lambda d: (f"{d.get('model')}/{d.get('backbone')} with "
                            f"{d.get('num_classes')} classes")
@@ -129,6 +133,13 @@ class Checkpointer:
       raise JaxsegError(f"{self.directory} (step {step}) does not match this run: {first}; use "
                         f"the checkpoint's settings or another --workdir") from e
     return restored["state"], dict(restored["progress"] or {})
+
+  def restore_state(self, step: int, abstract_state):
+    """The train state alone at `step` (no data iterator): for inference from a run."""
+    self.check_identity(step)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
 
   def save(self, step: int, state, data_iterator=None, *, progress: dict | None = None,
            force: bool = False) -> bool:

@@ -227,8 +227,8 @@ def _pair(value, key: str, cast=int):
   return tuple(cast(v) for v in values)
 
 
-def make_data(config, workdir: str, local_batch: int) -> Data:
-  """Dataset defaults (data.DATASETS) overridden by the data.* config keys."""
+def make_sources(config):
+  """(train, val) sources of `config.data`: name, data_dir and the reader's options."""
   spec = dataset_spec(config.data.name)
   chosen = {k: v for k, v in config.data.options.to_dict().items() if v is not None}
   options = {"image_size": config.data.image_size, "seed": config.data.seed,
@@ -243,6 +243,13 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   data_dir = config.data.data_dir or None
   train = get_dataset(config.data.name, "train", data_dir=data_dir, **kwargs)
   val = get_dataset(config.data.name, config.data.val_split, data_dir=data_dir, **kwargs)
+  return train, val
+
+
+def make_data(config, workdir: str, local_batch: int) -> Data:
+  """Dataset defaults (data.DATASETS) overridden by the data.* config keys."""
+  spec = dataset_spec(config.data.name)
+  train, val = make_sources(config)
   ignore = train.ignore_index
   crop = _pair(config.data.crop_size, "crop_size") or spec.crop_size
   scales = _pair(config.data.scale_range, "scale_range", float) or spec.scale_range
@@ -271,6 +278,15 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   return Data(train, val, loader, image_shape, window, eval_operations, skip_log)
 
 
+def save_config(config, workdir: str) -> None:
+  """WORKDIR/config.json: what `jaxseg.train.runs.load_run` rebuilds the model from."""
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, "config.json.tmp")
+    with open(tmp, "w") as f:
+      f.write(config.to_json(indent=2))
+    os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, writes outputs."""
   workdir = os.path.abspath(workdir)
@@ -286,6 +302,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       raise JaxsegError(f"--config.train.{key}={config.train[key]} must be at least 1")
 
   data = make_data(config, workdir, local_batch)
+  save_config(config, workdir)
   train_source, val_source = data.train, data.val
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
   validate = pipeline.ValidateLabels(num_classes, ignore, repr(train_source))

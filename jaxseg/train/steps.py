@@ -17,6 +17,31 @@ def _select(ok, new, old):
   return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def apply_update(state, loss, grads, batch_stats, rng, schedule: optax.Schedule,
+                 components=None):
+  """(new state, step metrics) after one update, or the old state (step counter and
+  non-finite counters advanced) when the loss, a gradient or a BatchNorm statistic is not
+  finite. `rng` is the state's next key (kept only with the update)."""
+  grad_norm = optax.tree.norm(grads)  # inf/NaN if any gradient entry is
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+      optax.tree.norm(batch_stats))
+  new = state.apply_gradients(grads=grads)
+  state = state.replace(
+      step=state.step + 1,
+      params=_select(ok, new.params, state.params),
+      opt_state=_select(ok, new.opt_state, state.opt_state),
+      batch_stats=_select(ok, batch_stats, state.batch_stats),
+      rng=jnp.where(ok, jax.random.key_data(rng), state.rng),
+      nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
+      nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
+  # The optimizer's step count advances only on finite updates; so does its schedule.
+  lr = schedule(state.step - 1 - (state.nonfinite_total - (~ok).astype(jnp.int32)))
+  out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "finite": ok,
+         "nonfinite_streak": state.nonfinite_streak}
+  out.update({f"loss_{k}": v for k, v in (components or {}).items()})
+  return state, out
+
+
 def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Schedule,
                     freeze_backbone_steps: int = 0):
   """Returns `train_step(state, batch) -> (state, metrics)`.
@@ -48,24 +73,7 @@ def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Sch
       thawed = state.step - state.nonfinite_total >= freeze_backbone_steps
       batch_stats = {**batch_stats, "backbone": _select(
           thawed, batch_stats["backbone"], state.batch_stats["backbone"])}
-    grad_norm = optax.tree.norm(grads)  # inf/NaN if any gradient entry is
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
-        optax.tree.norm(batch_stats))
-    new = state.apply_gradients(grads=grads)
-    state = state.replace(
-        step=state.step + 1,
-        params=_select(ok, new.params, state.params),
-        opt_state=_select(ok, new.opt_state, state.opt_state),
-        batch_stats=_select(ok, batch_stats, state.batch_stats),
-        rng=jnp.where(ok, jax.random.key_data(rng), state.rng),
-        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
-        nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
-    # The optimizer's step count advances only on finite updates; so does its schedule.
-    lr = schedule(state.step - 1 - (state.nonfinite_total - (~ok).astype(jnp.int32)))
-    out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "finite": ok,
-           "nonfinite_streak": state.nonfinite_streak}
-    out.update({f"loss_{k}": v for k, v in components.items()})
-    return state, out
+    return apply_update(state, loss, grads, batch_stats, rng, schedule, components)
 
   return train_step
 

@@ -1,0 +1,391 @@
+"""The superpixel GNN training loop: `train_and_evaluate(config, workdir)`.
+
+Every image of both splits becomes a region graph once (jaxseg.data.graph_data, cached in the
+workdir). A step takes the global batch of graphs, gives each device its share padded to one
+node/edge budget (stacked on a leading device axis that is sharded over the mesh), and vmaps
+the GNN over that axis: data parallel under jit with replicated parameters, the loss a
+pixel-weighted mean over every device's nodes. The batch of each step is a pure function of
+(seed, step), so a resumed run sees the same batches without any iterator state.
+
+Metrics are pixel metrics at full resolution without painting a pixel: a node's class
+histogram is added into the confusion-matrix column of its predicted class. The superpixel
+oracle (each superpixel takes its majority label) is reported beside them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxseg import metrics, visualize
+from jaxseg.data import graph_data, superpixels as sp
+from jaxseg.errors import JaxsegError
+from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN, node_loss
+from jaxseg.train import optim, sharding
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, tree_signature
+from jaxseg.train.logging import MetricWriter, Progress
+from jaxseg.train.segmentation import compute_dtype, make_sources, save_config, _fmt
+from jaxseg.train.state import TrainState
+from jaxseg.train.steps import apply_update
+
+# Per-dataset superpixel defaults (superpixels.n_segments / .scale left unset): about 12x12
+# pixel superpixels on CamVid's 360x480 frames, SLIC at half resolution on Cityscapes' 2048.
+SUPERPIXEL_DEFAULTS = {
+    "synthetic": {"n_segments": 100, "scale": 1.0},
+    "camvid": {"n_segments": 800, "scale": 1.0},
+    "cityscapes": {"n_segments": 2000, "scale": 0.5},
+}
+_FALLBACK = {"n_segments": 800, "scale": 1.0}
+_MODEL_KEYS = ("layer", "hidden", "num_layers", "dropout_rate")
+
+
+def superpixels_of(config) -> graph_data.Superpixels:
+  """config.superpixels with the dataset's defaults filled in."""
+  defaults = SUPERPIXEL_DEFAULTS.get(config.data.name, _FALLBACK)
+  s = config.superpixels
+  return graph_data.Superpixels(
+      method=s.method, compactness=s.compactness, sigma=s.sigma,
+      n_segments=s.n_segments if s.n_segments is not None else defaults["n_segments"],
+      scale=s.scale if s.scale is not None else defaults["scale"])
+
+
+def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> np.ndarray:
+  """Example indices of (1-based) `step`: consecutive slices of one seeded permutation per
+  epoch, a batch straddling two epochs taking the end of one and the start of the next."""
+  flat = (step - 1) * batch_size + np.arange(batch_size)
+  epochs, positions = np.divmod(flat, num_examples)
+  out = np.empty(batch_size, np.int64)
+  for epoch in np.unique(epochs):
+    order = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+    out[epochs == epoch] = order[positions[epochs == epoch]]
+  return out
+
+
+def flips(step: int, batch_size: int, seed: int) -> np.ndarray:
+  """Which graphs of `step` are mirrored (a coin each, seeded by the step)."""
+  return np.random.default_rng([seed, step, 1]).random(batch_size) < 0.5
+
+
+def graph_confusion(histogram, predictions, num_classes: int):
+  """int32 (K, K) pixel confusion [true, predicted] of node `predictions` (...,) whose
+  class histograms are `histogram` (..., K); jittable."""
+  rows = jax.ops.segment_sum(histogram.reshape(-1, num_classes).astype(jnp.int32),
+                             predictions.reshape(-1), num_segments=num_classes)
+  return rows.T
+
+
+def oracle_confusion(graphs: graph_data.GraphSet, num_classes: int) -> np.ndarray:
+  """The pixel confusion of the superpixel oracle: every node takes its majority class."""
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for g in graphs.graphs:
+    np.add.at(confusion.T, g.histogram.argmax(1), g.histogram)
+  return confusion
+
+
+def make_steps(schedule, num_classes: int):
+  """Pure train/eval steps over graphs stacked on a leading device axis (vmapped)."""
+
+  def train_step(state, graphs):
+    rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    keys = jax.random.split(dropout_rng, graphs.n_node.shape[0])
+
+    def compute_loss(params):
+      logits = jax.vmap(lambda g, k: state.apply_fn(
+          {"params": params}, g, train=True, rngs={"dropout": k}))(graphs, keys)
+      return node_loss(logits.reshape(-1, num_classes), graphs.nodes["target"].reshape(-1),
+                       graphs.nodes["weight"].reshape(-1))
+
+    loss, grads = jax.value_and_grad(compute_loss)(state.params)
+    return apply_update(state, loss, grads, state.batch_stats, rng, schedule)
+
+  def eval_step(state, graphs):
+    logits = jax.vmap(lambda g: state.apply_fn({"params": state.params}, g, train=False))(
+        graphs)
+    predictions = jnp.argmax(logits, -1)
+    return graph_confusion(graphs.nodes["histogram"], predictions, num_classes), predictions
+
+  return train_step, eval_step
+
+
+@dataclasses.dataclass
+class Budget:
+  """Static shapes of a device's share: graphs, and nodes/edges per graph (the maxima of the
+  data, so every batch fits)."""
+  graphs_per_device: int
+  nodes_per_graph: int
+  edges_per_graph: int
+
+
+def _put(tree, mesh):
+  """This process's device shares (leading axis) -> global arrays sharded over the mesh."""
+  spec = sharding.batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), tree)
+
+
+def local_batch(graphs, indices, mesh, budget: Budget, ignore_index: int, mirror=None):
+  """The padded, device-stacked GraphsTuple of this process's share of global `indices`."""
+  local = len(mesh.local_devices)
+  per_process = local * budget.graphs_per_device
+  # Devices are ordered by process in the mesh, so process p holds the p-th slice.
+  mine = indices[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+  chosen = [sp.hflip(graphs[i]) if mirror is not None and m else graphs[i]
+            for i, m in zip(mine, mirror if mirror is not None else [False] * len(mine))]
+  return graph_data.device_batch(
+      chosen, local, nodes_per_graph=budget.nodes_per_graph,
+      edges_per_graph=budget.edges_per_graph, graphs_per_device=budget.graphs_per_device,
+      ignore_index=ignore_index)
+
+
+def evaluate(eval_step, state, graphs: graph_data.GraphSet, mesh, budget: Budget,
+             num_classes: int, ignore_index: int, keep: dict[int, np.ndarray] | None = None):
+  """(int64 confusion over the split, {source index: node predictions} for `keep`)."""
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  per_step = mesh.devices.size * budget.graphs_per_device
+  position = {int(i): p for p, i in enumerate(graphs.indices)}
+  wanted = {position[i]: i for i in (keep or {}) if i in position}
+  kept = {}
+  for start in range(0, len(graphs), per_step):
+    indices = np.arange(start, min(start + per_step, len(graphs)))
+    batch = local_batch(graphs.graphs, indices, mesh, budget, ignore_index)
+    cm, predictions = eval_step(state, _put(batch, mesh))
+    confusion += np.asarray(jax.device_get(cm), np.int64)
+    hits = [p for p in indices if p in wanted]
+    if hits and jax.process_index() == 0:
+      predictions = np.asarray(jax.device_get(predictions))
+      for p in hits:
+        device, slot = divmod(int(p - start), budget.graphs_per_device)
+        offset = int(batch.n_node[device, :slot].sum())
+        kept[wanted[p]] = predictions[device, offset:offset + len(graphs.graphs[p].nodes)]
+  return confusion, kept
+
+
+def _model(config, num_classes: int, dtype) -> SuperpixelGNN:
+  """The one place where config.model becomes constructor arguments."""
+  unknown = sorted(set(config.model.keys()) - set(_MODEL_KEYS) - {"name", "dtype"})
+  if unknown:
+    raise JaxsegError(f"--config.model.{unknown[0]} does not apply to model superpixel_gnn")
+  if config.model.layer not in LAYERS:
+    raise JaxsegError(f"unknown --config.model.layer={config.model.layer!r}; valid choices: "
+                      f"{', '.join(LAYERS)}")
+  return SuperpixelGNN(num_classes=num_classes, dtype=dtype,
+                       **{k: config.model[k] for k in _MODEL_KEYS})
+
+
+def _pictures(path, val, graphs: graph_data.GraphSet, predictions, title: str) -> None:
+  """image with superpixel boundaries | ground truth | superpixel oracle | prediction."""
+  rows = {"image": [], "label": [], "oracle": [], "prediction": []}
+  for i in sorted(predictions):
+    example, segments = val[i], graphs.segments[i]
+    graph = graphs.graphs[int(np.flatnonzero(graphs.indices == i)[0])]
+    image = example["image"].copy()
+    image[sp.boundaries(segments)] = (255, 255, 0)
+    rows["image"].append(image)
+    rows["label"].append(example["label"])
+    rows["oracle"].append(sp.nodes_to_pixels(segments, graph.targets))
+    rows["prediction"].append(sp.nodes_to_pixels(segments, predictions[i]).astype(np.uint8))
+  visualize.prediction_grid(path, np.stack(rows["image"]), np.stack(rows["label"]),
+                            np.stack(rows["prediction"]), val.class_names, val.palette,
+                            ignore_index=val.ignore_index, title=title,
+                            extra_columns={"superpixel oracle": np.stack(rows["oracle"])})
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Builds (or reuses) the graphs, trains (resuming from `workdir`), evaluates, writes
+  summary.json, metrics.jsonl and predictions.png."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  for key in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
+    if config.train[key] < 1:
+      raise JaxsegError(f"--config.train.{key}={config.train[key]} must be at least 1")
+  mesh = sharding.make_mesh()
+  batch_size = config.train.batch_size
+  sharding.check_batch_size(batch_size, mesh)
+  eval_batch = config.train.eval_batch_size or batch_size
+  sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
+  dtype = compute_dtype(config.model.dtype)
+  train_source, val_source = make_sources(config)
+  if config.data.num_train_examples:
+    train_source = graph_data.Subset(train_source, config.data.num_train_examples)
+  if config.train.num_eval_examples:
+    val_source = graph_data.Subset(val_source, config.train.num_eval_examples)
+  num_classes, ignore = train_source.num_classes, train_source.ignore_index
+  save_config(config, workdir)
+
+  superpixels = superpixels_of(config)
+  model = _model(config, num_classes, dtype)
+  pixel_features, hybrid = None, None
+  if config.hybrid.cnn_workdir:
+    from jaxseg.train.runs import load_run  # pylint: disable=g-import-not-at-top
+    cnn = load_run(config.hybrid.cnn_workdir, "config.hybrid.cnn_workdir")
+    if cnn.num_classes != num_classes:
+      raise JaxsegError(f"--config.hybrid.cnn_workdir={config.hybrid.cnn_workdir} predicts "
+                        f"{cnn.num_classes} classes but {config.data.name} has {num_classes}")
+    pixel_features = lambda images: np.asarray(cnn.probabilities(images))
+    hybrid = {"cnn_workdir": os.path.abspath(config.hybrid.cnn_workdir), "step": cnn.step,
+              "model": "/".join(filter(None, (cnn.config.model.name,
+                                              cnn.config.model.get("backbone"))))}
+  n_pictures = min(config.train.num_prediction_images, len(val_source))
+  keep = np.linspace(0, len(val_source) - 1, n_pictures).astype(int).tolist() if n_pictures else []
+  t_build = time.perf_counter()
+  common = dict(superpixels=superpixels, batch_size=config.superpixels.batch_size,
+                pixel_features=pixel_features, key_extra=hybrid)
+  train_graphs = graph_data.cached_build(os.path.join(workdir, "graphs", "train.npz"),
+                                         train_source, desc="train graphs", **common)
+  val_graphs = graph_data.cached_build(os.path.join(workdir, "graphs", "val.npz"), val_source,
+                                       keep=keep, desc="val graphs", **common)
+  build_seconds = time.perf_counter() - t_build
+  both = train_graphs.graphs + val_graphs.graphs
+  nodes_max = max(len(g.nodes) for g in both)
+  edges_max = max(len(g.senders) for g in both)
+  train_budget = Budget(batch_size // mesh.devices.size, nodes_max, edges_max)
+  eval_budget = Budget(eval_batch // mesh.devices.size, nodes_max, edges_max)
+
+  schedule = optim.make_schedule(
+      config.optim.schedule, config.optim.learning_rate, config.train.steps,
+      warmup_steps=config.optim.warmup_steps, power=config.optim.power,
+      end_factor=config.optim.end_learning_rate_factor)
+  tx = optim.make_optimizer(
+      config.optim.name, schedule, weight_decay=config.optim.weight_decay,
+      momentum=config.optim.momentum, nesterov=config.optim.nesterov, b1=config.optim.b1,
+      b2=config.optim.b2, clip_norm=config.optim.clip_norm)
+  example = jax.tree.map(lambda x: x[0], local_batch(
+      train_graphs.graphs, np.arange(min(train_budget.graphs_per_device, len(train_graphs))),
+      mesh, Budget(train_budget.graphs_per_device, nodes_max, edges_max), ignore))
+
+  def init(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init(params_rng, example, train=False)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={},
+                             rng=state_rng)
+
+  rng = jax.random.key(config.train.seed)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, rng))
+  state = jax.jit(init, out_shardings=state_sharding)(rng)
+  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+  train_step, eval_step = make_steps(schedule, num_classes)
+  data_sharding = sharding.batch_sharding(mesh)
+  train_step = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
+                       out_shardings=(state_sharding, sharding.replicated(mesh)),
+                       donate_argnums=0)
+  eval_step = jax.jit(eval_step, in_shardings=(state_sharding, data_sharding),
+                      out_shardings=(sharding.replicated(mesh), data_sharding))
+
+  identity = {"model": "superpixel_gnn", "backbone": None, "num_classes": num_classes,
+              "params": param_shapes(state.params),
+              "opt_state": tree_signature(state.opt_state),
+              "train_data": f"{train_source!r} {superpixels} hybrid={hybrid}",
+              "global_batch_size": batch_size}
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
+                      keep=config.train.keep_checkpoints)
+  start, earlier = 0, {}
+  if (latest := ckpt.latest_step()) is not None:
+    try:
+      state, earlier = ckpt.restore(latest, state)
+    except BaseException:
+      ckpt.close()
+      raise
+    start = int(jax.device_get(state.step))
+    logging.info("Resumed from %s at step %d", ckpt.directory, start)
+  logging.info("superpixel_gnn (%s), %d classes, %s params, %d devices, global batch %d; "
+               "graphs: %d train, %d val, up to %d nodes and %d edges",
+               config.model.layer, num_classes, f"{num_params:,}", mesh.devices.size,
+               batch_size, len(train_graphs), len(val_graphs), nodes_max, edges_max)
+
+  writer = MetricWriter(workdir, resume_step=start)
+  progress = Progress(config.train.steps, start, batch_size)
+  steps = config.train.steps
+  t_start, compile_seconds, t_first = time.perf_counter(), None, None
+
+  def seconds_so_far():
+    return earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start
+
+  def run_eval(step):
+    confusion, kept = evaluate(eval_step, state, val_graphs, mesh, eval_budget, num_classes,
+                               ignore, keep=val_graphs.segments)
+    summary = metrics.summarize(confusion)
+    writer.write(step, {f"eval/{k}": summary[k] for k in
+                        ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")})
+    return summary, kept
+
+  try:
+    for step in range(start + 1, steps + 1):
+      indices = batch_indices(step, len(train_graphs), batch_size, config.train.seed)
+      mirror = flips(step, batch_size, config.train.seed) if config.data.flip else None
+      batch = _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
+                               mirror), mesh)
+      state, out = train_step(state, batch)
+      if step == start + 1 or step % config.train.log_every == 0 or step == steps:
+        out = jax.device_get(out)
+        if compile_seconds is None:
+          t_first = time.perf_counter()
+          compile_seconds = t_first - t_start
+        if not out["finite"] and out["nonfinite_streak"] >= config.train.max_nonfinite_steps:
+          raise FloatingPointError(
+              f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive "
+              "steps with a non-finite loss or gradient; lower optim.learning_rate")
+        progress.update(step, float(out["loss"]), float(out["learning_rate"]))
+        writer.write(step, {k: v for k, v in out.items()
+                            if k not in ("finite", "nonfinite_streak")})
+      if config.train.eval_every and step % config.train.eval_every == 0 and step != steps:
+        summary, _ = run_eval(step)
+        progress.write(f"step {step}: val mIoU {_fmt(summary['miou'])}")
+      if step % config.train.checkpoint_every == 0 or step == steps:
+        ckpt.save(step, state, force=step == steps,
+                  progress={"train_seconds": seconds_so_far()})
+    progress.close()
+    t_end = time.perf_counter()
+    train_seconds = seconds_so_far() if steps > start else earlier.get("train_seconds", 0.0)
+    final_step = int(jax.device_get(state.step))
+    summary, kept = run_eval(final_step)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  oracle = metrics.summarize(oracle_confusion(val_graphs, num_classes))
+  trained = max(steps - start, 0)
+  result = {
+      **{k: summary[k] for k in ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy",
+                                 "per_class_iou", "per_class_dice", "precision", "recall")},
+      # Every superpixel labelled with its majority class: the best any superpixel
+      # classifier can do with these superpixels.
+      "oracle_miou": oracle["miou"], "oracle_pixel_accuracy": oracle["pixel_accuracy"],
+      "oracle_per_class_iou": oracle["per_class_iou"],
+      "class_names": list(train_source.class_names),
+      "steps": final_step, "steps_this_run": trained, "resumed_from": start,
+      "train_seconds": round(train_seconds, 2),
+      "compile_seconds": round(compile_seconds or 0.0, 2),
+      # After the first (compiling) step of this run.
+      "images_per_second": (round((trained - 1) * batch_size / max(t_end - t_first, 1e-9), 1)
+                            if trained > 1 else None),
+      "graph_build_seconds": round(build_seconds, 2),
+      "superpixels": {**dataclasses.asdict(superpixels),
+                      "mean_nodes": float(np.mean([len(g.nodes) for g in both])),
+                      "mean_edges": float(np.mean([len(g.senders) for g in both])),
+                      "max_nodes": nodes_max, "max_edges": edges_max},
+      "hybrid": hybrid, "model": "superpixel_gnn", "layer": config.model.layer,
+      "dataset": config.data.name, "num_params": num_params, "dtype": jnp.dtype(dtype).name,
+      "devices": mesh.devices.size, "platform": jax.default_backend(),
+      "global_batch_size": batch_size,
+      "nonfinite_steps": int(jax.device_get(state.nonfinite_total)),
+      "skipped_examples": train_graphs.skipped + val_graphs.skipped,
+      "eval_examples": len(val_graphs),
+  }
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(result, f, indent=2)
+    if kept:
+      _pictures(os.path.join(workdir, "predictions.png"), val_source, val_graphs, kept,
+                f"superpixel GNN ({config.model.layer}) on {config.data.name}: val mIoU "
+                f"{_fmt(summary['miou'])}, superpixel oracle {_fmt(oracle['miou'])}")
+    logging.info("Per-class results:\n%s", metrics.class_table(summary,
+                                                               train_source.class_names))
+  return result
