@@ -51,6 +51,18 @@ def test_confusion_from_node_histograms_equals_painted_pixels():
       metrics.confusion_matrix(label, oracle, K))
 
 
+def test_superpixel_vote_of_pooled_probabilities_equals_painted_argmax():
+  segments, image, label = _example(3)
+  probabilities = np.random.default_rng(4).dirichlet(np.ones(K), segments.shape)
+  g = sp.region_graph(segments, image, label, num_classes=K)
+  g.nodes = np.concatenate([g.nodes, graph_data.pool(segments, probabilities)], -1)
+  votes = np.stack([probabilities[segments == n].mean(0) for n in range(len(g.nodes))])
+  painted = sp.nodes_to_pixels(segments, votes.argmax(1))
+  np.testing.assert_array_equal(
+      graph.pooled_cnn_confusion(graph_data.GraphSet([g], np.arange(1), {}), K),
+      metrics.confusion_matrix(label, painted, K))
+
+
 def test_hflip_equals_the_graph_of_the_mirrored_image():
   segments, image, label = _example(2)
   g = sp.region_graph(segments, image, label, num_classes=K)
@@ -164,6 +176,7 @@ def test_hybrid_adds_the_cnn_probabilities_to_the_node_features(tmp_path):
   summary = graph.train_and_evaluate(
       _config(2, hybrid__cnn_workdir=str(tmp_path / "cnn")), str(tmp_path / "gnn"))
   assert summary["hybrid"]["model"] == "deeplabv3plus/tiny_resnet"
+  assert 0 <= summary["hybrid"]["superpixel_vote_miou"] <= 1
   with np.load(tmp_path / "gnn" / "graphs" / "val.npz") as cache:
     assert cache["nodes"].shape[1] == sp.NODE_FEATURES + run.num_classes
     # Pooled probabilities: each node's extra features sum to 1.

@@ -71,6 +71,8 @@ class Subset:
     return self.source[index]
 
   def __getattr__(self, name):  # class_names, num_classes, palette, ignore_index...
+    if name == "source":  # not set yet (unpickling): no recursion
+      raise AttributeError(name)
     return getattr(self.source, name)
 
   def __repr__(self):

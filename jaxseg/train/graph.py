@@ -90,6 +90,15 @@ def oracle_confusion(graphs: graph_data.GraphSet, num_classes: int) -> np.ndarra
   return confusion
 
 
+def pooled_cnn_confusion(graphs: graph_data.GraphSet, num_classes: int) -> np.ndarray:
+  """Hybrid mode's baseline without the GNN: each superpixel takes the argmax of the CNN
+  probabilities averaged over it (its node features past the first NODE_FEATURES)."""
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  for g in graphs.graphs:
+    np.add.at(confusion.T, g.nodes[:, sp.NODE_FEATURES:].argmax(1), g.histogram)
+  return confusion
+
+
 def make_steps(schedule, num_classes: int):
   """Pure train/eval steps over graphs stacked on a leading device axis (vmapped)."""
 
@@ -315,6 +324,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")})
     return summary, kept
 
+  def drain(step, out):
+    """Host bookkeeping of a finished step, one step behind (no stall on the device)."""
+    nonlocal compile_seconds, t_first
+    out = jax.device_get(out)
+    if compile_seconds is None:
+      t_first = time.perf_counter()
+      compile_seconds = t_first - t_start
+    row = {k: v for k, v in out.items() if k not in ("finite", "nonfinite_streak")}
+    if not out["finite"]:
+      progress.write(f"step {step}: non-finite loss or gradient; update skipped "
+                     f"({int(out['nonfinite_streak'])} in a row)")
+      writer.write(step, {**row, "nonfinite_step": 1})
+      if out["nonfinite_streak"] >= config.train.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive "
+            f"steps with a non-finite loss or gradient (limit train.max_nonfinite_steps="
+            f"{config.train.max_nonfinite_steps}); lower optim.learning_rate")
+    elif step == start + 1 or step % config.train.log_every == 0 or step == steps:
+      writer.write(step, row)
+    progress.update(step, float(out["loss"]), float(out["learning_rate"]))
+
+  pending = None
   try:
     for step in range(start + 1, steps + 1):
       indices = batch_indices(step, len(train_graphs), batch_size, config.train.seed)
@@ -322,24 +353,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       batch = _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
                                mirror), mesh)
       state, out = train_step(state, batch)
-      if step == start + 1 or step % config.train.log_every == 0 or step == steps:
-        out = jax.device_get(out)
-        if compile_seconds is None:
-          t_first = time.perf_counter()
-          compile_seconds = t_first - t_start
-        if not out["finite"] and out["nonfinite_streak"] >= config.train.max_nonfinite_steps:
-          raise FloatingPointError(
-              f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive "
-              "steps with a non-finite loss or gradient; lower optim.learning_rate")
-        progress.update(step, float(out["loss"]), float(out["learning_rate"]))
-        writer.write(step, {k: v for k, v in out.items()
-                            if k not in ("finite", "nonfinite_streak")})
+      if pending is not None:
+        drain(*pending)
+      pending = (step, out)
+      if step == start + 1:  # the compile time is measured on the first step
+        drain(*pending)
+        pending = None
       if config.train.eval_every and step % config.train.eval_every == 0 and step != steps:
+        if pending is not None:
+          drain(*pending)
+          pending = None
         summary, _ = run_eval(step)
         progress.write(f"step {step}: val mIoU {_fmt(summary['miou'])}")
       if step % config.train.checkpoint_every == 0 or step == steps:
+        if pending is not None:
+          drain(*pending)
+          pending = None
         ckpt.save(step, state, force=step == steps,
                   progress={"train_seconds": seconds_so_far()})
+    if pending is not None:
+      drain(*pending)
     progress.close()
     t_end = time.perf_counter()
     train_seconds = seconds_so_far() if steps > start else earlier.get("train_seconds", 0.0)
@@ -351,6 +384,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.close()
 
   oracle = metrics.summarize(oracle_confusion(val_graphs, num_classes))
+  if hybrid is not None:
+    hybrid["superpixel_vote_miou"] = metrics.summarize(
+        pooled_cnn_confusion(val_graphs, num_classes))["miou"]
   trained = max(steps - start, 0)
   result = {
       **{k: summary[k] for k in ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy",
