@@ -420,7 +420,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       json.dump(result, f, indent=2)
     if kept:
       _pictures(os.path.join(workdir, "predictions.png"), val_source, val_graphs, kept,
-                f"superpixel GNN ({config.model.layer}) on {config.data.name}: val mIoU "
+                f"superpixel GNN ({config.model.layer}"
+                f"{', hybrid on ' + hybrid['model'] if hybrid else ''}) on {config.data.name}: "
+                f"val mIoU "
                 f"{_fmt(summary['miou'])}, superpixel oracle {_fmt(oracle['miou'])}")
     logging.info("Per-class results:\n%s", metrics.class_table(summary,
                                                                train_source.class_names))
