@@ -92,3 +92,17 @@ def attention_grid(path: str, images: np.ndarray, maps: dict[str, np.ndarray], *
   fig.savefig(path, dpi=80)
   plt.close(fig)
   return path
+
+
+def tile(path: str, images: np.ndarray, *, columns: int = 8, gap: int = 2) -> str:
+  """Writes uint8 images (N, H, W, 3) as one PNG grid, `columns` per row, white gaps."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  n, h, w, _ = images.shape
+  columns = min(columns, n)
+  rows = -(-n // columns)
+  canvas = np.full((rows * (h + gap) - gap, columns * (w + gap) - gap, 3), 255, np.uint8)
+  for i, image in enumerate(images):
+    y, x = divmod(i, columns)
+    canvas[y * (h + gap):y * (h + gap) + h, x * (w + gap):x * (w + gap) + w] = image
+  Image.fromarray(canvas).save(path)
+  return path

@@ -1,0 +1,195 @@
+"""The GAN training loop: `train_and_evaluate(config, workdir)` for both GAN kinds.
+
+Data comes through the segmentation pipeline (grain, crops, checkpointed position), so a GAN
+trains on any registered dataset. Every `train.sample_every` steps the EMA generator draws a
+fixed set of samples into `WORKDIR/samples/step_N.png` (and `samples.png`, the latest); at the
+end FID and KID against real val images are written to summary.json, with the name of the
+feature network they come from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxseg import image_quality, visualize
+from jaxseg.data import pipeline
+from jaxseg.errors import JaxsegError
+from jaxseg.train import gan as gan_lib
+from jaxseg.train import sharding
+from jaxseg.train.checkpoint import Checkpointer, param_shapes
+from jaxseg.train.logging import MetricWriter, Progress
+from jaxseg.train.segmentation import make_data, save_config
+
+
+def _center_crop(array, size):
+  h, w = array.shape[:2]
+  y, x = (h - size[0]) // 2, (w - size[1]) // 2
+  if y < 0 or x < 0:
+    raise JaxsegError(f"val images of {h}x{w} are smaller than the training crop {size}")
+  return array[y:y + size[0], x:x + size[1]]
+
+
+def real_examples(source, n: int, size) -> dict[str, np.ndarray]:
+  """The first `n` examples of `source`, centre-cropped to the training size."""
+  examples = [source[i] for i in range(min(n, len(source)))]
+  return {"image": np.stack([_center_crop(e["image"], size) for e in examples]),
+          "label": np.stack([_center_crop(e["label"], size) for e in examples]).astype(np.int32)}
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir`), samples, scores FID/KID, writes summary.json."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  mesh = sharding.make_mesh()
+  local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
+  data = make_data(config, workdir, local_batch)
+  save_config(config, workdir)
+  num_classes = data.train.num_classes
+  gan = gan_lib.build_gan(config, num_classes, data.image_shape)
+  background = config.model.background_class
+  if background is None:
+    background = 0 if data.train.class_names[0] == "background" else None
+  elif not 0 <= background < num_classes:
+    background = None  # -1: every class is a condition
+  conditional = gan.kind == "mask" or config.model.conditional
+
+  def prepare(batch):
+    batch = {"image": batch["image"], "label": batch["label"].astype(jnp.int32)}
+    if gan.kind == "sagan" and config.model.conditional:
+      batch["class"] = gan_lib.dominant_class(batch["label"], num_classes, background)
+    return batch
+
+  g_tx, d_tx = gan_lib.make_optimizers(config.optim.g_learning_rate,
+                                       config.optim.d_learning_rate, config.optim.b1,
+                                       config.optim.b2)
+  h, w = data.image_shape[:2]
+  example = prepare({"image": jnp.zeros((1, h, w, 3), jnp.uint8),
+                     "label": jnp.zeros((1, h, w), jnp.int32)})
+  init = lambda rng: gan_lib.init_state(gan, example, rng, g_tx, d_tx)
+  rng = jax.random.key(config.train.seed)
+  replicated = sharding.replicated(mesh)
+  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init, rng))
+  state = jax.jit(init, out_shardings=state_sharding)(rng)
+  step_fn = gan_lib.make_train_step(gan, d_steps=config.train.d_steps,
+                                    ema_decay=config.train.ema_decay,
+                                    feature_matching=config.train.feature_matching,
+                                    l1=config.train.l1)
+  train_step = jax.jit(lambda s, b: step_fn(s, prepare(b)),
+                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+  sample = jax.jit(gan_lib.make_sample(gan))
+
+  # Fixed samples: the first val label maps (mask kind), or fixed z with classes in turn.
+  n_samples = config.train.num_samples
+  shown = real_examples(data.val, n_samples, (h, w))
+  n_samples = len(shown["image"])
+  z_fixed = jax.random.normal(jax.random.key(config.train.seed + 1), (n_samples, gan.z_dim))
+  if gan.kind == "mask":
+    c_fixed = jnp.asarray(shown["label"])
+  elif config.model.conditional:
+    classes = [k for k in range(num_classes) if k != background]
+    c_fixed = jnp.asarray([classes[i % len(classes)] for i in range(n_samples)], jnp.int32)
+  else:
+    c_fixed = None
+
+  def write_samples(step):
+    images = np.asarray(sample(state, z_fixed, c_fixed))
+    if gan.kind == "mask":  # each cell: the label map beside its generated image
+      labels = visualize.colorize(shown["label"], data.train.palette, data.train.ignore_index)
+      images = np.concatenate([labels, images], axis=2)
+    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+    visualize.tile(path, images, columns=4 if gan.kind == "mask" else 8)
+    visualize.tile(os.path.join(workdir, "samples.png"), images,
+                   columns=4 if gan.kind == "mask" else 8)
+
+  identity = {"model": f"gan_{gan.kind}", "backbone": None, "num_classes": num_classes,
+              "params": param_shapes({"generator": state.g.params,
+                                      "discriminator": state.d.params}),
+              "train_data": repr(data.train), "global_batch_size": config.train.batch_size}
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
+                      keep=config.train.keep_checkpoints)
+  data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
+                               size=config.data.prefetch)
+  start, earlier = 0, {}
+  if (latest := ckpt.latest_step()) is not None:
+    try:
+      state, earlier = ckpt.restore(latest, state, data_iter)
+    except BaseException:
+      data_iter.close()
+      ckpt.close()
+      raise
+    start = int(jax.device_get(state.step))
+    logging.info("Resumed from %s at step %d", ckpt.directory, start)
+  steps = config.train.steps
+  writer = MetricWriter(workdir, resume_step=start)
+  progress = Progress(steps, start, config.train.batch_size)
+  t_start = time.perf_counter()
+  try:
+    for step in range(start + 1, steps + 1):
+      state, out = train_step(state, next(data_iter))
+      if step % config.train.log_every == 0 or step == steps or step == start + 1:
+        out = jax.device_get(out)
+        if not all(np.isfinite(float(v)) for v in out.values()):
+          raise FloatingPointError(f"training stopped at step {step}: non-finite losses "
+                                   f"{ {k: float(v) for k, v in out.items()} }")
+        writer.write(step, out)
+        progress.update(step, float(out["d_loss"]), config.optim.g_learning_rate)
+      if step % config.train.sample_every == 0 or step == steps:
+        write_samples(step)
+      if step % config.train.checkpoint_every == 0 or step == steps:
+        ckpt.save(step, state, data_iter, force=step == steps, progress={
+            "train_seconds": earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start})
+    progress.close()
+    train_seconds = earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start
+  finally:
+    data_iter.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  scores = score(state, gan, sample, data.val, config, (h, w), num_classes, background)
+  result = {**scores, "kind": gan.kind, "conditional": bool(conditional),
+            "dataset": config.data.name, "image_size": [h, w], "steps": int(state.step),
+            "resumed_from": start, "train_seconds": round(train_seconds, 2),
+            "num_params_generator": int(sum(x.size for x in jax.tree.leaves(state.g.params))),
+            "num_params_discriminator": int(sum(x.size for x in
+                                                jax.tree.leaves(state.d.params))),
+            "devices": mesh.devices.size, "global_batch_size": config.train.batch_size}
+  if jax.process_index() == 0:
+    if steps <= start:
+      write_samples(int(state.step))
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def score(state, gan, sample, val, config, size, num_classes, background) -> dict[str, Any]:
+  """FID and KID of EMA-generator samples against real val crops (same conditions)."""
+  real = real_examples(val, config.eval.num_images, size)
+  n = len(real["image"])
+  z = jax.random.normal(jax.random.key(config.train.seed + 2), (n, gan.z_dim))
+  if gan.kind == "mask":
+    conditions = jnp.asarray(real["label"])
+  elif config.model.conditional:
+    conditions = gan_lib.dominant_class(jnp.asarray(real["label"]), num_classes, background)
+  else:
+    conditions = None
+  batch = config.train.batch_size
+  fake = np.concatenate([
+      np.asarray(sample(state, z[i:i + batch],
+                        None if conditions is None else conditions[i:i + batch]))
+      for i in range(0, n, batch)])
+  features = image_quality.feature_network(config.eval.features)
+  real_f, fake_f = features(real["image"]), features(fake)
+  kid_mean, kid_std = image_quality.kid(real_f, fake_f, subsets=config.eval.kid_subsets,
+                                        subset_size=min(1000, n))
+  return {"fid": image_quality.fid(real_f, fake_f), "kid": kid_mean, "kid_std": kid_std,
+          "fid_images": n, "fid_features": features.name}
