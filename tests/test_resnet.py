@@ -1,6 +1,5 @@
 """ResNet trunk: torchvision parameter counts, output stride by dilation, stable names."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -3,7 +3,6 @@ and the pixel-weighted loss ignores padding."""
 
 import jax
 import jax.numpy as jnp
-import jraph
 import numpy as np
 import pytest
 

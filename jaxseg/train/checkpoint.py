@@ -17,6 +17,7 @@ from typing import Any
 import grain.python as grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import traverse_util
 
 from jaxseg.errors import JaxsegError, first_line
@@ -159,3 +160,22 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def resume(ckpt: Checkpointer, state, data_iterator=None):
+  """(state, progress, start step): restored from the latest checkpoint in `ckpt` (state and
+  data position), or `state`, {} and 0 when there is none. A failed restore closes the
+  iterator (it may have started grain's workers) and the manager before re-raising."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return state, {}, 0
+  try:
+    state, progress = ckpt.restore(latest, state, data_iterator)
+  except BaseException:
+    if data_iterator is not None:
+      data_iterator.close()
+    ckpt.close()
+    raise
+  start = int(jax.device_get(state.step))
+  logging.info("Resumed from %s at step %d", ckpt.directory, start)
+  return state, progress, start

@@ -17,14 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from jaxseg import image_quality, visualize
 from jaxseg.data import pipeline
 from jaxseg.errors import JaxsegError
 from jaxseg.train import gan as gan_lib
 from jaxseg.train import sharding
-from jaxseg.train.checkpoint import Checkpointer, param_shapes
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.train.segmentation import make_data, save_config
 
@@ -118,16 +117,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                       keep=config.train.keep_checkpoints)
   data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                size=config.data.prefetch)
-  start, earlier = 0, {}
-  if (latest := ckpt.latest_step()) is not None:
-    try:
-      state, earlier = ckpt.restore(latest, state, data_iter)
-    except BaseException:
-      data_iter.close()
-      ckpt.close()
-      raise
-    start = int(jax.device_get(state.step))
-    logging.info("Resumed from %s at step %d", ckpt.directory, start)
+  state, earlier, start = resume(ckpt, state, data_iter)
   steps = config.train.steps
   writer = MetricWriter(workdir, resume_step=start)
   progress = Progress(steps, start, config.train.batch_size)

@@ -30,7 +30,7 @@ from jaxseg.data import graph_data, superpixels as sp
 from jaxseg.errors import JaxsegError
 from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN, node_loss
 from jaxseg.train import optim, sharding
-from jaxseg.train.checkpoint import Checkpointer, param_shapes, tree_signature
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.train.segmentation import compute_dtype, make_sources, save_config, _fmt
 from jaxseg.train.state import TrainState
@@ -294,15 +294,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               "global_batch_size": batch_size}
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
                       keep=config.train.keep_checkpoints)
-  start, earlier = 0, {}
-  if (latest := ckpt.latest_step()) is not None:
-    try:
-      state, earlier = ckpt.restore(latest, state)
-    except BaseException:
-      ckpt.close()
-      raise
-    start = int(jax.device_get(state.step))
-    logging.info("Resumed from %s at step %d", ckpt.directory, start)
+  state, earlier, start = resume(ckpt, state)
   logging.info("superpixel_gnn (%s), %d classes, %s params, %d devices, global batch %d; "
                "graphs: %d train, %d val, up to %d nodes and %d edges",
                config.model.layer, num_classes, f"{num_params:,}", mesh.devices.size,

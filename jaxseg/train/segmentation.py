@@ -24,7 +24,7 @@ from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
 from jaxseg.train import optim, sharding
-from jaxseg.train.checkpoint import Checkpointer, param_shapes, tree_signature
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.train.state import TrainState
 from jaxseg.train.steps import make_eval_step, make_train_step
@@ -326,18 +326,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                       keep=config.train.keep_checkpoints)
   data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                size=config.data.prefetch)
-  start, earlier = 0, {}
-  if (latest := ckpt.latest_step()) is not None:
-    try:
-      state, earlier = ckpt.restore(latest, state, data_iter)
-    except BaseException:
-      # The restore may have started grain's workers; a notebook or test process lives on.
-      data_iter.close()
-      ckpt.close()
-      raise
-    start = int(jax.device_get(state.step))
-    logging.info("Resumed from %s at step %d", ckpt.directory, start)
-  elif pretrained is not None:
+  resumed = ckpt.latest_step() is not None
+  state, earlier, start = resume(ckpt, state, data_iter)
+  if not resumed and pretrained is not None:
     state = insert_pretrained(state, pretrained, state_sharding)
     logging.info("Backbone from %s: %s %s weights (%s preprocessing)", config.model.pretrained,
                  pretrained_meta["source"], pretrained_meta["arch"],
