@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.flip = True  # random horizontal flips (with crop_size)
   config.data.photometric = True  # brightness/contrast/saturation/hue jitter (with crop_size)
   config.data.skip_bad_examples = False  # skip, log and count unreadable examples
+  # Extra training pairs (jaxseg.data.generated.write_pairs, e.g. a GAN's), added to the
+  # train split; the same classes are required.
+  config.data.extra_train_dir = ""
   # Dataset-specific constructor options; unset ones take the reader's default.
   config.data.options = ml_collections.ConfigDict()
   config.data.options.classes = placeholder(str)  # coco: "things" (80 + background) or "voc"

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from jaxseg import losses, metrics, visualize, weights
-from jaxseg.data import dataset_spec, get_dataset, pipeline, transforms
+from jaxseg.data import dataset_spec, generated, get_dataset, pipeline, transforms
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
@@ -243,6 +243,8 @@ def make_sources(config):
   data_dir = config.data.data_dir or None
   train = get_dataset(config.data.name, "train", data_dir=data_dir, **kwargs)
   val = get_dataset(config.data.name, config.data.val_split, data_dir=data_dir, **kwargs)
+  if config.data.get("extra_train_dir"):
+    train = generated.ConcatSource([train, generated.GeneratedPairs(config.data.extra_train_dir)])
   return train, val
 
 

@@ -1,0 +1,71 @@
+"""Generated pairs on disk read back exactly, and join a real source for training."""
+
+import os
+
+import numpy as np
+import pytest
+
+from jaxseg.data import SyntheticShapes, pipeline
+from jaxseg.data.generated import ConcatSource, GeneratedPairs, write_pairs
+from jaxseg.errors import JaxsegError
+
+
+@pytest.fixture()
+def real():
+  return SyntheticShapes("val", image_size=32, num_examples=5)
+
+
+def _write(directory, source, indices, start=0):
+  examples = [source[i] for i in indices]
+  return write_pairs(str(directory), np.stack([e["image"] for e in examples]),
+                     np.stack([e["label"] for e in examples]), class_names=source.class_names,
+                     palette=source.palette, start=start)
+
+
+def test_pairs_read_back_exactly_and_append(tmp_path, real):
+  assert _write(tmp_path, real, [0, 1]) == 2
+  assert _write(tmp_path, real, [2], start=2) == 3
+  pairs = GeneratedPairs(str(tmp_path))
+  assert len(pairs) == 3 and pairs.class_names == tuple(real.class_names)
+  np.testing.assert_array_equal(pairs.palette, real.palette)
+  for i in range(3):
+    np.testing.assert_array_equal(pairs[i]["image"], real[i]["image"])
+    np.testing.assert_array_equal(pairs[i]["label"], real[i]["label"])
+  assert repr(pairs) == f"GeneratedPairs({str(tmp_path)!r}, count=3)"
+  assert not [f for _, _, files in os.walk(tmp_path) for f in files if ".tmp-" in f]
+
+
+def test_concatenation_indexes_both_sources_and_feeds_the_loader(tmp_path, real):
+  _write(tmp_path, real, [3, 4])
+  both = ConcatSource([real, GeneratedPairs(str(tmp_path))])
+  assert len(both) == 7 and both.num_classes == real.num_classes
+  np.testing.assert_array_equal(both[4]["image"], real[4]["image"])
+  np.testing.assert_array_equal(both[6]["label"], real[4]["label"])  # generated pair 1
+  with pytest.raises(IndexError):
+    both[7]
+  batch = next(iter(pipeline.train_loader(both, batch_size=7, seed=0)))
+  assert batch["image"].shape == (7, 32, 32, 3)
+
+
+def test_mismatched_classes_and_missing_files_are_one_line(tmp_path, real):
+  write_pairs(str(tmp_path), np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 4), np.uint8),
+              class_names=("a", "b"), palette=np.zeros((2, 3), np.uint8))
+  with pytest.raises(JaxsegError, match=r"has classes \('a', 'b'\), but SyntheticShapes"):
+    ConcatSource([real, GeneratedPairs(str(tmp_path))])
+  os.remove(tmp_path / "labels" / "000000.png")
+  with pytest.raises(JaxsegError, match=r"000000.png: missing \(.*meta.json lists 1 pairs\)"):
+    GeneratedPairs(str(tmp_path))
+  with pytest.raises(JaxsegError, match=r"meta.json: missing \(not a directory of generated"):
+    GeneratedPairs(str(tmp_path / "images"))
+
+
+def test_training_takes_the_extra_pairs(tmp_path, real):
+  from jaxseg.train import segmentation  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  _write(tmp_path / "pairs", real, [0, 1, 2])
+  config = helpers.tiny_config(steps=1)
+  config.data.extra_train_dir = str(tmp_path / "pairs")
+  train, _ = segmentation.make_sources(config)
+  assert len(train) == 100_000 + 3 and repr(train).endswith("count=3)")
+  summary = segmentation.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["steps"] == 1
