@@ -29,10 +29,11 @@ from jaxseg import metrics, visualize
 from jaxseg.data import graph_data, superpixels as sp
 from jaxseg.errors import JaxsegError
 from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN, node_loss
-from jaxseg.train import optim, sharding
+from jaxseg.train import sharding
 from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
 from jaxseg.train.logging import MetricWriter, Progress
-from jaxseg.train.segmentation import compute_dtype, make_sources, save_config, _fmt
+from jaxseg.train.segmentation import (_fmt, compute_dtype, make_sources,
+                                       optimizer_from_config, save_config)
 from jaxseg.train.state import TrainState
 from jaxseg.train.steps import apply_update
 
@@ -144,9 +145,10 @@ def local_batch(graphs, indices, mesh, budget: Budget, ignore_index: int, mirror
   local = len(mesh.local_devices)
   per_process = local * budget.graphs_per_device
   # Devices are ordered by process in the mesh, so process p holds the p-th slice.
-  mine = indices[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
-  chosen = [sp.hflip(graphs[i]) if mirror is not None and m else graphs[i]
-            for i, m in zip(mine, mirror if mirror is not None else [False] * len(mine))]
+  here = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+  mine = indices[here]
+  flipped = mirror[here] if mirror is not None else np.zeros(len(mine), bool)
+  chosen = [sp.hflip(graphs[i]) if f else graphs[i] for i, f in zip(mine, flipped)]
   return graph_data.device_batch(
       chosen, local, nodes_per_graph=budget.nodes_per_graph,
       edges_per_graph=budget.edges_per_graph, graphs_per_device=budget.graphs_per_device,
@@ -257,14 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   train_budget = Budget(batch_size // mesh.devices.size, nodes_max, edges_max)
   eval_budget = Budget(eval_batch // mesh.devices.size, nodes_max, edges_max)
 
-  schedule = optim.make_schedule(
-      config.optim.schedule, config.optim.learning_rate, config.train.steps,
-      warmup_steps=config.optim.warmup_steps, power=config.optim.power,
-      end_factor=config.optim.end_learning_rate_factor)
-  tx = optim.make_optimizer(
-      config.optim.name, schedule, weight_decay=config.optim.weight_decay,
-      momentum=config.optim.momentum, nesterov=config.optim.nesterov, b1=config.optim.b1,
-      b2=config.optim.b2, clip_norm=config.optim.clip_norm)
+  schedule, tx = optimizer_from_config(config, config.train.steps)
   example = jax.tree.map(lambda x: x[0], local_batch(
       train_graphs.graphs, np.arange(min(train_budget.graphs_per_device, len(train_graphs))),
       mesh, Budget(train_budget.graphs_per_device, nodes_max, edges_max), ignore))

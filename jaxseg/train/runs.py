@@ -33,22 +33,17 @@ class Run:
   num_classes: int
   step: int
 
+  def __post_init__(self):
+    # Compiled once per run (jit caches by the function object).
+    model, preprocess = self.model, self.preprocess
+    self._logits = jax.jit(lambda variables, images: model.apply(
+        variables, preprocess(images), train=False).astype("float32"))
+
   def logits(self, images):
-    return _logits(self.model, self.preprocess)(self.variables, images)
+    return self._logits(self.variables, images)
 
   def probabilities(self, images):
     return jax.nn.softmax(self.logits(images), axis=-1)
-
-
-_cache: dict = {}
-
-
-def _logits(model, preprocess):
-  key = (id(model), id(preprocess))
-  if key not in _cache:
-    _cache[key] = jax.jit(lambda variables, images: model.apply(
-        variables, preprocess(images), train=False).astype("float32"))
-  return _cache[key]
 
 
 def load_run(workdir: str, flag: str = "workdir") -> Run:

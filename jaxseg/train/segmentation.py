@@ -50,22 +50,28 @@ def model_kwargs(config) -> dict[str, Any]:
           if v is not None}
 
 
+def optimizer_from_config(config, steps: int):
+  """(schedule, optimizer) of the config.optim section; the backbone keys are optional (the
+  superpixel GNN's config has no backbone)."""
+  o = config.optim
+  schedule = optim.make_schedule(o.schedule, o.learning_rate, steps,
+                                 warmup_steps=o.warmup_steps, power=o.power,
+                                 end_factor=o.end_learning_rate_factor)
+  tx = optim.make_optimizer(
+      o.name, schedule, weight_decay=o.weight_decay, momentum=o.momentum,
+      nesterov=o.nesterov, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm,
+      backbone_multiplier=o.get("backbone_lr_multiplier", 1.0),
+      freeze_backbone_steps=o.get("freeze_backbone_steps", 0))
+  return schedule, tx
+
+
 def create_train_state(config, model, mesh, image_shape, steps: int, pretrained=None):
   """State built with eval_shape, then materialised by jit straight into its sharding.
 
   `pretrained` backbone variables are checked against the abstract state first, so that a
   mismatch stops the run before anything is compiled.
   """
-  schedule = optim.make_schedule(
-      config.optim.schedule, config.optim.learning_rate, steps,
-      warmup_steps=config.optim.warmup_steps, power=config.optim.power,
-      end_factor=config.optim.end_learning_rate_factor)
-  tx = optim.make_optimizer(
-      config.optim.name, schedule, weight_decay=config.optim.weight_decay,
-      momentum=config.optim.momentum, nesterov=config.optim.nesterov,
-      b1=config.optim.b1, b2=config.optim.b2, clip_norm=config.optim.clip_norm,
-      backbone_multiplier=config.optim.backbone_lr_multiplier,
-      freeze_backbone_steps=config.optim.freeze_backbone_steps)
+  schedule, tx = optimizer_from_config(config, steps)
 
   def init(rng):
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
