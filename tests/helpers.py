@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
+import re
 
 from experiments.configs import deeplab as deeplab_config
 from jaxseg import backbones
@@ -14,6 +16,15 @@ CAMVID = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "camv
 
 # A narrow, shallow ResNet with the real block structure and parameter naming.
 TINY_RESNET = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), width=8)
+
+
+def device_env(devices: int) -> dict[str, str]:
+  """The environment of a subprocess with `devices` fake CPU devices; the rest of the
+  session's XLA flags (conftest.py) are kept."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  return dict(os.environ,
+              XLA_FLAGS=f"{flags.strip()} --xla_force_host_platform_device_count={devices}")
 
 
 def register_tiny_backbone(name: str = "tiny_resnet") -> str:

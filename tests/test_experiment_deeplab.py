@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _deeplab(*args, devices=2, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = helpers.device_env(devices)
   return subprocess.run([sys.executable, "-m", "experiments.deeplab", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

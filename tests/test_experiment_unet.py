@@ -2,7 +2,6 @@
 and its one-line errors."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -15,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _unet(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = helpers.device_env(2)
   return subprocess.run([sys.executable, "-m", "experiments.unet", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -11,6 +11,7 @@ import pytest
 from jaxseg.models import mask_gan, sagan
 from jaxseg.train import gan as gan_lib
 from jaxseg.train import sharding
+from tests import helpers
 
 
 def _sagan(num_classes=3):
@@ -124,8 +125,8 @@ def test_one_step_is_the_same_on_1_and_8_devices():
 
 
 def _experiment(tmp_path, *args):
-  import os, pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  import pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  env = helpers.device_env(2)
   return subprocess.run(
       [sys.executable, "-m", "experiments.sagan", f"--workdir={tmp_path}",
        "--config.data.image_size=32", "--config.train.steps=2", "--config.train.batch_size=4",

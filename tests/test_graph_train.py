@@ -184,7 +184,7 @@ def test_hybrid_adds_the_cnn_probabilities_to_the_node_features(tmp_path):
 
 
 def _experiment(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = helpers.device_env(2)
   return subprocess.run([sys.executable, "-m", "experiments.superpixel_gnn", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
