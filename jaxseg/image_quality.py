@@ -114,8 +114,12 @@ class RandomConvFeatures(_Features):
 
 class BackboneFeatures(_Features):
   """Globally pooled final features of a converted ImageNet backbone (`python -m
-  jaxseg.weights.convert`), e.g. ResNet-50 (2048 features): a trained network, as FID
+  jaxseg.weights.convert`): Inception-v3 (2048 features of mixed10, images resized to 299x299
+  as FID does), or e.g. ResNet-50 (2048, at the images' own size). A trained network, as FID
   intends, where a user has the weights."""
+
+  # Networks with a fixed input size: images are resized (bilinear) to it.
+  INPUT_SIZE = {"inception_v3": 299}
 
   def __init__(self, directory: str, batch_size: int = 32):
     import jax  # pylint: disable=g-import-not-at-top
@@ -123,9 +127,18 @@ class BackboneFeatures(_Features):
     from jaxseg import weights  # pylint: disable=g-import-not-at-top
     module, variables, preprocess = weights.load_backbone(directory)
     metadata = weights.read_metadata(directory)
-    self.name = f"{metadata['source']} {metadata['arch']} (pooled stage4, {directory})"
-    self._apply = jax.jit(lambda images: jnp.mean(module.apply(
-        variables, preprocess(images), train=False)["stage4"].astype(jnp.float32), axis=(1, 2)))
+    size = self.INPUT_SIZE.get(metadata["backbone"])
+    self.name = (f"{metadata['source']} {metadata['arch']} (pooled stage4"
+                 f"{f', at {size}x{size}' if size else ''}, {directory})")
+
+    def apply(images):
+      images = images.astype(jnp.float32)
+      if size:
+        images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear")
+      stage4 = module.apply(variables, preprocess(images), train=False)["stage4"]
+      return jnp.mean(stage4.astype(jnp.float32), axis=(1, 2))
+
+    self._apply = jax.jit(apply)
     self.batch_size = batch_size
 
 

@@ -21,11 +21,13 @@ from jaxseg.errors import JaxsegError  # noqa: E402
 # Keras's JAX backend converts arrays with np.array(x, copy=False) semantics numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# name -> (constructor, preprocess_input, input size). Xception needs at least 71 pixels.
+# name -> (constructor, preprocess_input, input size). Xception needs at least 71 pixels,
+# Inception-v3 75.
 MODELS = {
     "resnet50": ("ResNet50", "resnet", 64),
     "resnet101": ("ResNet101", "resnet", 64),
     "xception": ("Xception", "xception", 80),
+    "inception_v3": ("InceptionV3", "inception_v3", 75),
 }
 
 
@@ -72,7 +74,7 @@ def _build(name, tmp_path_factory):
   images = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
   preprocess = getattr(keras.applications, module).preprocess_input
   reference = np.asarray(model.predict(preprocess(images.astype(np.float32)), verbose=0))
-  _BUILT[name] = name, paths, images, reference, model.count_params()
+  _BUILT[name] = name, paths, images, reference, model.count_params(), model
   return _BUILT[name]
 
 
@@ -96,7 +98,7 @@ def test_converted_backbone_matches_keras_features(keras_reference, tmp_path):
   out = tmp_path / "converted"
   lines = []
   meta = weights.convert_file("keras", name, paths["weights.h5"], str(out), log=lines.append)
-  assert meta["backbone"] == ("xception" if name == "xception" else name)
+  assert meta["backbone"] == name
   assert lines[-1].startswith("mapped ") and "ignored 0" in lines[-1]
   module, variables, preprocess = weights.load_backbone(str(out))
   features = module.apply(variables, preprocess(images), train=False)
@@ -126,7 +128,7 @@ def test_metadata_records_source_and_preprocessing(keras_reference, tmp_path):
   name, paths, _, _ = keras_reference
   meta = weights.convert_file("keras", name, paths["legacy.h5"], str(tmp_path / "out"))
   assert weights.read_metadata(str(tmp_path / "out")) == meta
-  if name == "xception":  # scale to [-1, 1]
+  if name in ("xception", "inception_v3"):  # scale to [-1, 1]
     assert meta["preprocessing"] == {"channels": "RGB", "mean": [127.5] * 3, "std": [127.5] * 3}
   else:  # caffe: BGR, ImageNet mean subtracted, no scaling
     assert meta["preprocessing"]["channels"] == "BGR"
@@ -172,3 +174,23 @@ def test_cli_converts_a_keras_file(resnet50_reference, tmp_path):
                          capture_output=True, text=True, timeout=300, check=False)
   assert again.returncode == 2
   assert again.stderr.strip() == f"error: {out}: already exists; choose a new output directory"
+
+
+def test_converted_inception_gives_fid_features_at_299(tmp_path_factory):
+  """FID's features: Inception-v3's pooled mixed10 on images resized to 299x299, equal to the
+  Keras model's on the same resized images."""
+  from jaxseg import image_quality  # pylint: disable=g-import-not-at-top
+  name, paths, _, _ = _build("inception_v3", tmp_path_factory)[:4]
+  out = tmp_path_factory.mktemp("inception") / "converted"
+  weights.convert_file("keras", name, paths["weights.h5"], str(out))
+  features = image_quality.feature_network(str(out))
+  images = np.random.default_rng(2).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  ours = features(images)
+  assert ours.shape == (2, 2048) and "inception_v3 (pooled stage4, at 299x299" in features.name
+  resized = np.array(jax.image.resize(images.astype(np.float32), (2, 299, 299, 3), "bilinear"))
+  big = keras.applications.InceptionV3(weights=None, include_top=False, pooling="avg",
+                                       input_shape=(299, 299, 3))
+  big.set_weights(_BUILT[name][5].get_weights())  # the same weights at 299x299
+  reference = np.asarray(big.predict(keras.applications.inception_v3.preprocess_input(resized),
+                                     verbose=0))
+  assert _max_relative_error(ours, reference) <= 1e-4

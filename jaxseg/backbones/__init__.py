@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from jaxseg.backbones import resnet, xception
+from jaxseg.backbones import inception, resnet, xception
+from jaxseg.backbones.inception import InceptionV3
 from jaxseg.backbones.resnet import ResNet, ResNet50, ResNet101
 from jaxseg.backbones.xception import Xception, Xception65
 from jaxseg.errors import JaxsegError
@@ -14,6 +15,7 @@ BACKBONES = {
     "resnet101": ResNet101,
     "xception": Xception,
     "xception65": Xception65,
+    "inception_v3": InceptionV3,  # for FID/KID features (output stride 32 only)
 }
 
 
@@ -24,5 +26,5 @@ def get_backbone(name: str):
   return BACKBONES[name]
 
 
-__all__ = ["BACKBONES", "get_backbone", "resnet", "xception", "ResNet", "ResNet50", "ResNet101",
-           "Xception", "Xception65"]
+__all__ = ["BACKBONES", "get_backbone", "inception", "resnet", "xception", "InceptionV3",
+           "ResNet", "ResNet50", "ResNet101", "Xception", "Xception65"]

@@ -94,8 +94,8 @@ def torch_resnet(module):
   return f"{base}.{kind}{layer[len('conv'):]}"
 
 
-def keras_xception(module):
-  """jaxseg's Xception already uses the Keras layer names."""
+def keras_layer(module):
+  """jaxseg's Xception and Inception-v3 already use the Keras layer names."""
   return module[0]
 
 
@@ -142,7 +142,9 @@ ARCHS = {(a.source, a.name): a for a in (
     Arch("keras", "resnet50", "resnet50", {"style": "keras"}, "caffe", keras_resnet, _KERAS_TOP),
     Arch("keras", "resnet101", "resnet101", {"style": "keras"}, "caffe", keras_resnet,
          _KERAS_TOP),
-    Arch("keras", "xception", "xception", {}, "tf", keras_xception, _KERAS_TOP,
+    Arch("keras", "xception", "xception", {}, "tf", keras_layer, _KERAS_TOP,
+         renumber=("conv2d", "batch_normalization")),
+    Arch("keras", "inception_v3", "inception_v3", {}, "tf", keras_layer, _KERAS_TOP,
          renumber=("conv2d", "batch_normalization")),
     Arch("torch", "resnet50", "resnet50", {}, "torch", torch_resnet, _TORCH_TOP),
     Arch("torch", "resnet101", "resnet101", {}, "torch", torch_resnet, _TORCH_TOP),

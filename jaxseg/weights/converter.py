@@ -27,12 +27,13 @@ def _renumber(tensors: dict, prefixes) -> dict:
   out = dict(tensors)
   for prefix in prefixes:
     pattern = re.compile(rf"({prefix})(?:_(\d+))?/(.+)")
-    found = sorted({int(m.group(2) or 0) for k in tensors if (m := pattern.fullmatch(k))})
+    matches = {k: m for k in out if (m := pattern.fullmatch(k))}
+    found = sorted({int(m.group(2) or 0) for m in matches.values()})
     rename = {n: (f"{prefix}_{i}" if i else prefix) for i, n in enumerate(found)}
-    for key in tensors:
-      if m := pattern.fullmatch(key):
-        del out[key]
-        out[f"{rename[int(m.group(2) or 0)]}/{m.group(3)}"] = tensors[key]
+    # Renamed into a fresh dict: renaming in place would let conv2d_10 -> conv2d_9 be deleted
+    # again when the original conv2d_9 is renamed after it.
+    out = {k: v for k, v in out.items() if k not in matches} | {
+        f"{rename[int(m.group(2) or 0)]}/{m.group(3)}": out[k] for k, m in matches.items()}
   return out
 
 
@@ -46,10 +47,11 @@ def _to_jax_layout(arch: Arch, key: str, array: np.ndarray) -> np.ndarray:
 
 
 def _group(path: tuple[str, ...]) -> tuple[int, int, str]:
-  """Progress groups in network order: stem, stage1..4 or block0..20, Keras's shortcuts."""
+  """Progress groups in network order: stem, stage1..4 or block0..20, then Keras's
+  auto-named layers (Xception's shortcut projections; every layer of Inception-v3)."""
   m = re.match(r"(stem|stage|block)(\d*)", path[0])
   if not m:
-    return 2, 0, "shortcuts"
+    return 2, 0, "conv2d/batch_normalization layers"
   return (0, 0, "stem") if m.group(1) == "stem" else (1, int(m.group(2)), m.group(0))
 
 

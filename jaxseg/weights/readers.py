@@ -104,8 +104,13 @@ def _read_keras3_h5(path, root):
       raise _fail(path, f"layers/{key}/vars has no layer name (an early Keras 3 file): load it "
                         "in Keras and save it again with model.save_weights(...)")
     layer = _decode([layer])[0]
+    names = _KERAS3_VARS[kind]
+    if kind == "batch_normalization" and len(group["vars"]) == 3:
+      # BatchNormalization(scale=False), as Inception-v3 builds it: no gamma. (center=False
+      # would also leave 3, but no keras.applications backbone uses it.)
+      names = names[1:]
     for i, array in sorted(group["vars"].items(), key=lambda kv: int(kv[0])):
-      tensors[f"{layer}/{_KERAS3_VARS[kind][int(i)]}"] = np.asarray(array)
+      tensors[f"{layer}/{names[int(i)]}"] = np.asarray(array)
   return tensors
 
 
