@@ -25,28 +25,37 @@ def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
 
   `extra_columns` {name: label maps (N, H, W)} are shown between ground truth and prediction.
   """
+  return labelled_grid(path, {"image": images, "ground truth": labels, **(extra_columns or {}),
+                              "prediction": predictions}, class_names, palette,
+                       ignore_index=ignore_index, title=title)
+
+
+def labelled_grid(path: str, columns: dict[str, np.ndarray], class_names: Sequence[str],
+                  palette: np.ndarray, *, ignore_index: int = 255,
+                  title: str | None = None) -> str:
+  """Writes a PNG with one row per example and a column per entry of `columns`, titled with
+  its name: uint8 images (N, H, W, 3) as they are, label maps (N, H, W) in the palette's
+  colours, with a legend of the classes the label maps show."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
 
-  n = len(images)
-  extra = dict(extra_columns or {})
-  maps = {"ground truth": labels, **extra, "prediction": predictions}
+  maps = [np.asarray(c) for c in columns.values() if np.ndim(c) == 3]
+  n = len(next(iter(columns.values())))
   # The legend lists the classes in the picture only: COCO's 81 (or 171) would not fit.
-  shown = np.unique(np.concatenate([np.unique(m) for m in maps.values()]))
+  shown = np.unique(np.concatenate([np.unique(m) for m in maps])) if maps else []
   handles = [Patch(facecolor=np.asarray(palette[k]) / 255.0, edgecolor="k", label=class_names[k])
              for k in shown if k < len(class_names)]
-  if (labels == ignore_index).any():
+  if any((m == ignore_index).any() for m in maps):
     handles.append(Patch(facecolor="white", edgecolor="k", label=f"ignore ({ignore_index})"))
   ncol = min(len(handles), 5) or 1
   legend_height = 0.3 * -(-len(handles) // ncol) + 0.2
   height = 2.5 * n + legend_height + (0.35 if title else 0)
-  fig, axes = plt.subplots(n, 1 + len(maps), figsize=(2.5 * (1 + len(maps)), height),
-                           squeeze=False)
-  for i in range(n):
-    columns = [images[i]] + [colorize(m[i], palette, ignore_index) for m in maps.values()]
-    for j, (picture, name) in enumerate(zip(columns, ["image", *maps])):
+  fig, axes = plt.subplots(n, len(columns), figsize=(2.5 * len(columns), height), squeeze=False)
+  for j, (name, column) in enumerate(columns.items()):
+    for i in range(n):
+      picture = column[i] if np.ndim(column) == 4 else colorize(column[i], palette, ignore_index)
       axes[i, j].imshow(picture, interpolation="nearest")
       axes[i, j].set_xticks([])
       axes[i, j].set_yticks([])
@@ -58,7 +67,8 @@ def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
   fig.tight_layout(rect=(0, legend_height / height, 1, 1 - (0.35 / height if title else 0)))
   # Near the images' own resolution (a 2.5-inch column), so thin structures such as superpixel
   # boundaries are not aliased away; 64-pixel images stay at 80 dpi.
-  fig.savefig(path, dpi=int(np.clip(images.shape[2] / 2.5, 80, 160)))
+  width = np.shape(next(iter(columns.values())))[2]
+  fig.savefig(path, dpi=int(np.clip(width / 2.5, 80, 160)))
   plt.close(fig)
   return path
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jaxseg.data import SyntheticShapes, pipeline
-from jaxseg.data.generated import ConcatSource, GeneratedPairs, write_pairs
+from jaxseg.data.generated import GeneratedPairs, write_pairs
+from jaxseg.data.sources import ConcatSource
 from jaxseg.errors import JaxsegError
 
 
@@ -59,7 +60,7 @@ def test_mismatched_classes_and_missing_files_are_one_line(tmp_path, real):
     GeneratedPairs(str(tmp_path / "images"))
 
 
-def test_training_takes_the_extra_pairs(tmp_path, real):
+def test_the_train_split_takes_the_first_n_real_examples_and_the_extra_pairs(tmp_path, real):
   from jaxseg.train import segmentation  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
   _write(tmp_path / "pairs", real, [0, 1, 2])
@@ -67,5 +68,11 @@ def test_training_takes_the_extra_pairs(tmp_path, real):
   config.data.extra_train_dir = str(tmp_path / "pairs")
   train, _ = segmentation.make_sources(config)
   assert len(train) == 100_000 + 3 and repr(train).endswith("count=3)")
-  summary = segmentation.train_and_evaluate(config, str(tmp_path / "run"))
-  assert summary["steps"] == 1
+  config.data.num_train_examples = 10  # a low-data run: 10 real images, then the pairs
+  train, _ = segmentation.make_sources(config)
+  assert len(train) == 13 and "[:10] + GeneratedPairs(" in repr(train)
+  np.testing.assert_array_equal(train[10]["label"], real[0]["label"])
+  config.data.num_train_examples = -1
+  with pytest.raises(JaxsegError, match=r"--config.data.num_train_examples=-1 must be at least"):
+    segmentation.make_sources(config)
+  # Training on them is experiments.gan_augment's end-to-end test (tests/test_gan_augment.py).

@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.flip = True  # random horizontal flips (with crop_size)
   config.data.photometric = True  # brightness/contrast/saturation/hue jitter (with crop_size)
   config.data.skip_bad_examples = False  # skip, log and count unreadable examples
+  # Train on the first N examples of the train split only (0: all of it), e.g. to measure the
+  # low-data regime; the synthetic split is procedural, 100,000 images.
+  config.data.num_train_examples = 0
   # Extra training pairs (jaxseg.data.generated.write_pairs, e.g. a GAN's), added to the
   # train split; the same classes are required.
   config.data.extra_train_dir = ""

@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   for key in ("crop_size", "scale_range", "eval_window", "eval_size", "photometric",
               "worker_count", "prefetch"):
     del config.data[key]
-  # Graphs of the first N train examples (0: the whole split); the synthetic split is
-  # procedural, 100,000 images. Val: train.num_eval_examples (0: the whole split).
+  # Graphs are built for every train example up front: the first 2000 by default (the
+  # synthetic split is procedural, 100,000 images). Val: train.num_eval_examples (0: all).
   config.data.num_train_examples = 2000
   del config.train.loss  # the loss is the pixel-weighted node cross-entropy
   for key in ("backbone_lr_multiplier", "freeze_backbone_steps"):

@@ -7,20 +7,20 @@ A GAN's pairs are written like a dataset of their own:
 `meta.json` holds the class names, palette, ignore index and count, so that `GeneratedPairs`
 reads back a source with the same class metadata as the one the label maps came from. Each
 file is written to a temporary name and renamed, and `meta.json` last: a crash leaves a
-directory that either reads as the pairs finished so far or not at all. `ConcatSource` joins
-a real source and generated pairs for training.
+directory that either reads as the pairs finished so far or not at all.
+`jaxseg.data.sources.ConcatSource` joins a real source and generated pairs for training.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from jaxseg.data.files import BAD_KEY, FileSource, read_pair
+from jaxseg.data.files import FileSource, read_pair
 from jaxseg.errors import JaxsegError
 
 
@@ -32,9 +32,10 @@ def _save_png(path: str, array: np.ndarray) -> None:
 
 def write_pairs(directory: str, images: np.ndarray, labels: np.ndarray, *,
                 class_names: Sequence[str], palette: np.ndarray, ignore_index: int = 255,
-                start: int = 0) -> int:
+                start: int = 0, info: dict[str, Any] | None = None) -> int:
   """Writes uint8 images (N, H, W, 3) and label maps (N, H, W) as pairs start..start+N-1;
-  returns the new count. Call again with `start` = the count to append."""
+  returns the new count. Call again with `start` = the count to append. `info` (JSON) is kept
+  in meta.json, e.g. how the pairs were made."""
   if len(images) != len(labels) or images.shape[1:3] != labels.shape[1:3]:
     raise JaxsegError(f"images {images.shape} and labels {labels.shape} do not pair up")
   for sub in ("images", "labels"):
@@ -44,7 +45,7 @@ def write_pairs(directory: str, images: np.ndarray, labels: np.ndarray, *,
     _save_png(os.path.join(directory, "labels", f"{i:06d}.png"), np.asarray(label, np.uint8))
   count = start + len(images)
   meta = {"class_names": list(class_names), "palette": np.asarray(palette).tolist(),
-          "ignore_index": int(ignore_index), "count": count}
+          "ignore_index": int(ignore_index), "count": count, "info": info or {}}
   tmp = os.path.join(directory, f"meta.json.tmp-{os.getpid()}")
   with open(tmp, "w") as f:
     json.dump(meta, f)
@@ -65,6 +66,7 @@ class GeneratedPairs(FileSource):
     self.class_names = tuple(meta["class_names"])
     self.palette = np.asarray(meta["palette"], np.uint8)
     self.ignore_index = int(meta["ignore_index"])
+    self.info = meta.get("info", {})
     records = [(os.path.join(self.directory, "images", f"{i:06d}.png"),
                 os.path.join(self.directory, "labels", f"{i:06d}.png"))
                for i in range(meta["count"])]
@@ -80,37 +82,3 @@ class GeneratedPairs(FileSource):
     example = read_pair(image_path, label_path)
     example["label_file"] = label_path
     return example
-
-
-class ConcatSource:
-  """`sources` one after another, with the first one's class metadata (all must agree);
-  examples are {"image", "label"}."""
-
-  def __init__(self, sources: Sequence):
-    self.sources = list(sources)
-    first = self.sources[0]
-    for other in self.sources[1:]:
-      if tuple(other.class_names) != tuple(first.class_names):
-        raise JaxsegError(f"{other!r} has classes {tuple(other.class_names)}, but {first!r} "
-                          f"has {tuple(first.class_names)}")
-    self.class_names, self.palette = first.class_names, first.palette
-    self.ignore_index, self.num_classes = first.ignore_index, first.num_classes
-    self._ends = np.cumsum([len(s) for s in self.sources])
-
-  def __len__(self):
-    return int(self._ends[-1])
-
-  def __getitem__(self, index):
-    if not 0 <= index < len(self):
-      raise IndexError(index)
-    which = int(np.searchsorted(self._ends, index, side="right"))
-    offset = int(self._ends[which - 1]) if which else 0
-    example = self.sources[which][index - offset]
-    if BAD_KEY in example:
-      return example
-    # The sources' extra keys differ (a file name, the synthetic's parameters); a batch needs
-    # one structure.
-    return {"image": example["image"], "label": example["label"]}
-
-  def __repr__(self):
-    return " + ".join(repr(s) for s in self.sources)

@@ -55,30 +55,6 @@ class GraphSet:
     return max(len(g.senders) for g in self.graphs)
 
 
-class Subset:
-  """The first `n` examples of a source (with its class metadata): graphs are built for
-  every example up front, and the synthetic train split is procedural (100,000 images)."""
-
-  def __init__(self, source, n: int):
-    self.source, self.n = source, min(n, len(source))
-
-  def __len__(self):
-    return self.n
-
-  def __getitem__(self, index):
-    if not 0 <= index < self.n:
-      raise IndexError(index)
-    return self.source[index]
-
-  def __getattr__(self, name):  # class_names, num_classes, palette, ignore_index...
-    if name == "source":  # not set yet (unpickling): no recursion
-      raise AttributeError(name)
-    return getattr(self.source, name)
-
-  def __repr__(self):
-    return f"{self.source!r}[:{self.n}]"
-
-
 @dataclasses.dataclass(frozen=True)
 class Superpixels:
   """How images become segment maps: `method` "jax" (jaxseg.ops.slic) or "skimage".

@@ -9,6 +9,7 @@ feature network they come from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -43,14 +44,31 @@ def real_examples(source, n: int, size) -> dict[str, np.ndarray]:
           "label": np.stack([_center_crop(e["label"], size) for e in examples]).astype(np.int32)}
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from `workdir`), samples, scores FID/KID, writes summary.json."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+@dataclasses.dataclass
+class _Setup:
+  """What training and restoring a GAN both build from the config."""
+  mesh: Any
+  data: Any
+  gan: gan_lib.GAN
+  prepare: Any  # batch -> the step's batch (int32 labels; the class for conditional SAGAN)
+  state: gan_lib.GANState  # freshly initialised
+  state_sharding: Any
+  background: int | None
+  conditional: bool
+  size: tuple[int, int]
+
+  def identity(self, config):
+    return {"model": f"gan_{self.gan.kind}", "backbone": None,
+            "num_classes": self.data.train.num_classes,
+            "params": param_shapes({"generator": self.state.g.params,
+                                    "discriminator": self.state.d.params}),
+            "train_data": repr(self.data.train), "global_batch_size": config.train.batch_size}
+
+
+def _setup(config, workdir: str) -> _Setup:
   mesh = sharding.make_mesh()
   local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
   data = make_data(config, workdir, local_batch)
-  save_config(config, workdir)
   num_classes = data.train.num_classes
   gan = gan_lib.build_gan(config, num_classes, data.image_shape)
   background = config.model.background_class
@@ -77,11 +95,69 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   replicated = sharding.replicated(mesh)
   state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init, rng))
   state = jax.jit(init, out_shardings=state_sharding)(rng)
+  return _Setup(mesh, data, gan, prepare, state, state_sharding, background, conditional, (h, w))
+
+
+@dataclasses.dataclass
+class Generator:
+  """A trained mask-to-image GAN's EMA generator, restored from its workdir."""
+  gan: gan_lib.GAN
+  state: gan_lib.GANState
+  workdir: str
+  step: int
+  image_size: tuple[int, int]
+  batch_size: int
+
+  def __post_init__(self):
+    self._sample = jax.jit(gan_lib.make_sample(self.gan))
+
+  def draw(self, labels: np.ndarray, keys) -> np.ndarray:
+    """uint8 images (N, H, W, 3) for label maps (N, H, W); pair i's noise comes from keys[i],
+    so a pair does not depend on the others drawn with it. Padded to `batch_size`: one
+    compilation for every call."""
+    n = len(labels)
+    if n > self.batch_size:
+      raise ValueError(f"at most {self.batch_size} label maps per call; got {n}")
+    z = jax.vmap(lambda k: jax.random.normal(k, (self.gan.z_dim,)))(jnp.stack(keys))
+    pad = self.batch_size - n
+    labels = np.concatenate([labels, np.repeat(labels[:1], pad, 0)]).astype(np.int32)
+    z = jnp.concatenate([z, jnp.repeat(z[:1], pad, 0)])
+    return np.asarray(self._sample(self.state, z, jnp.asarray(labels)))[:n]
+
+
+def restore_generator(config, workdir: str) -> Generator:
+  """The mask GAN of `workdir` (trained with `config`) at its latest checkpoint."""
+  workdir = os.path.abspath(workdir)
+  setup = _setup(config, workdir)
+  if setup.gan.kind != "mask":
+    raise JaxsegError(f"{workdir}: a {setup.gan.kind} GAN draws no image for a label map")
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), setup.identity(config),
+                      async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise JaxsegError(f"{ckpt.directory}: no checkpoint to draw pairs with")
+    state = ckpt.restore_state(step, setup.state)
+  finally:
+    ckpt.close()
+  return Generator(setup.gan, state, workdir, step, setup.size, config.train.batch_size)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir`), samples, scores FID/KID, writes summary.json."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  setup = _setup(config, workdir)
+  save_config(config, workdir)
+  mesh, data, gan, state = setup.mesh, setup.data, setup.gan, setup.state
+  num_classes, background = data.train.num_classes, setup.background
+  (h, w), state_sharding = setup.size, setup.state_sharding
+  replicated = sharding.replicated(mesh)
   step_fn = gan_lib.make_train_step(gan, d_steps=config.train.d_steps,
                                     ema_decay=config.train.ema_decay,
                                     feature_matching=config.train.feature_matching,
                                     l1=config.train.l1)
-  train_step = jax.jit(lambda s, b: step_fn(s, prepare(b)),
+  train_step = jax.jit(lambda s, b: step_fn(s, setup.prepare(b)),
                        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
   sample = jax.jit(gan_lib.make_sample(gan))
@@ -109,11 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     visualize.tile(os.path.join(workdir, "samples.png"), images,
                    columns=4 if gan.kind == "mask" else 8)
 
-  identity = {"model": f"gan_{gan.kind}", "backbone": None, "num_classes": num_classes,
-              "params": param_shapes({"generator": state.g.params,
-                                      "discriminator": state.d.params}),
-              "train_data": repr(data.train), "global_batch_size": config.train.batch_size}
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), setup.identity(config),
                       keep=config.train.keep_checkpoints)
   data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                size=config.data.prefetch)
@@ -146,7 +218,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.close()
 
   scores = score(state, gan, sample, data.val, config, (h, w), num_classes, background)
-  result = {**scores, "kind": gan.kind, "conditional": bool(conditional),
+  result = {**scores, "kind": gan.kind, "conditional": bool(setup.conditional),
             "dataset": config.data.name, "image_size": [h, w], "steps": int(state.step),
             "resumed_from": start, "train_seconds": round(train_seconds, 2),
             "num_params_generator": int(sum(x.size for x in jax.tree.leaves(state.g.params))),

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from jaxseg import metrics, visualize
-from jaxseg.data import graph_data, superpixels as sp
+from jaxseg.data import graph_data, sources, superpixels as sp
 from jaxseg.errors import JaxsegError
 from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN, node_loss
 from jaxseg.train import sharding
@@ -222,11 +222,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_batch = config.train.eval_batch_size or batch_size
   sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
   dtype = compute_dtype(config.model.dtype)
-  train_source, val_source = make_sources(config)
-  if config.data.num_train_examples:
-    train_source = graph_data.Subset(train_source, config.data.num_train_examples)
+  train_source, val_source = make_sources(config)  # the first data.num_train_examples
   if config.train.num_eval_examples:
-    val_source = graph_data.Subset(val_source, config.train.num_eval_examples)
+    val_source = sources.Subset(val_source, config.train.num_eval_examples)
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
   save_config(config, workdir)
 

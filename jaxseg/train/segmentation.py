@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from jaxseg import losses, metrics, visualize, weights
-from jaxseg.data import dataset_spec, generated, get_dataset, pipeline, transforms
+from jaxseg.data import dataset_spec, generated, get_dataset, pipeline, sources, transforms
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
@@ -249,8 +249,15 @@ def make_sources(config):
   data_dir = config.data.data_dir or None
   train = get_dataset(config.data.name, "train", data_dir=data_dir, **kwargs)
   val = get_dataset(config.data.name, config.data.val_split, data_dir=data_dir, **kwargs)
+  first = config.data.get("num_train_examples") or 0
+  if first < 0:
+    raise JaxsegError(f"--config.data.num_train_examples={first} must be at least 0 (0: the "
+                      "whole split)")
+  if first:
+    train = sources.Subset(train, first)
   if config.data.get("extra_train_dir"):
-    train = generated.ConcatSource([train, generated.GeneratedPairs(config.data.extra_train_dir)])
+    train = sources.ConcatSource([train,
+                                  generated.GeneratedPairs(config.data.extra_train_dir)])
   return train, val
 
 
