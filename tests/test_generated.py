@@ -7,7 +7,7 @@ import pytest
 
 from jaxseg.data import SyntheticShapes, pipeline
 from jaxseg.data.generated import GeneratedPairs, write_pairs
-from jaxseg.data.sources import ConcatSource
+from jaxseg.data.sources import ConcatSource, Mixture, Subset
 from jaxseg.errors import JaxsegError
 
 
@@ -48,6 +48,20 @@ def test_concatenation_indexes_both_sources_and_feeds_the_loader(tmp_path, real)
   assert batch["image"].shape == (7, 32, 32, 3)
 
 
+def test_mixture_draws_the_given_share_of_extra_examples(tmp_path, real):
+  _write(tmp_path, real, [0, 1, 2])
+  mixed = Mixture(Subset(SyntheticShapes("train", image_size=32), 10),
+                  GeneratedPairs(str(tmp_path)), 0.25)
+  # Long enough for every example of both: 10 real need 14 positions at a quarter extra.
+  assert len(mixed) == 14
+  extra = [i for i in range(len(mixed)) if mixed[i]["image"].tobytes() in
+           {real[k]["image"].tobytes() for k in range(3)}]
+  assert extra == [3, 7, 11]  # every 4th position, each pair once
+  assert repr(mixed).endswith("count=3), fraction=0.25)")
+  with pytest.raises(JaxsegError, match=r"extra_train_fraction=1.0 must be in \(0, 1\)"):
+    Mixture(real, GeneratedPairs(str(tmp_path)), 1.0)
+
+
 def test_mismatched_classes_and_missing_files_are_one_line(tmp_path, real):
   write_pairs(str(tmp_path), np.zeros((1, 4, 4, 3), np.uint8), np.zeros((1, 4, 4), np.uint8),
               class_names=("a", "b"), palette=np.zeros((2, 3), np.uint8))
@@ -72,6 +86,9 @@ def test_the_train_split_takes_the_first_n_real_examples_and_the_extra_pairs(tmp
   train, _ = segmentation.make_sources(config)
   assert len(train) == 13 and "[:10] + GeneratedPairs(" in repr(train)
   np.testing.assert_array_equal(train[10]["label"], real[0]["label"])
+  config.data.extra_train_fraction = 0.5  # half of the examples from the pairs
+  train, _ = segmentation.make_sources(config)
+  assert repr(train).startswith("Mixture(") and len(train) == 20
   config.data.num_train_examples = -1
   with pytest.raises(JaxsegError, match=r"--config.data.num_train_examples=-1 must be at least"):
     segmentation.make_sources(config)

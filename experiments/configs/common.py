@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Extra training pairs (jaxseg.data.generated.write_pairs, e.g. a GAN's), added to the
   # train split; the same classes are required.
   config.data.extra_train_dir = ""
+  # The share of training examples drawn from those pairs (0: each pair as often as each real
+  # image, so 800 pairs beside 200 images make 80% of the batches).
+  config.data.extra_train_fraction = 0.0
   # Dataset-specific constructor options; unset ones take the reader's default.
   config.data.options = ml_collections.ConfigDict()
   config.data.options.classes = placeholder(str)  # coco: "things" (80 + background) or "voc"

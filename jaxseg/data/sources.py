@@ -1,4 +1,5 @@
-"""Sources made of sources: the first n examples of one, and several one after another.
+"""Sources made of sources: the first n examples of one, several one after another, and two
+interleaved in a given proportion.
 
 A source is what the readers return: `len`, `source[i]` -> {"image", "label", ...}, and the
 class metadata (class_names, num_classes, palette, ignore_index).
@@ -6,6 +7,7 @@ class metadata (class_names, num_classes, palette, ignore_index).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -61,7 +63,10 @@ class ConcatSource:
       raise IndexError(index)
     which = int(np.searchsorted(self._ends, index, side="right"))
     offset = int(self._ends[which - 1]) if which else 0
-    example = self.sources[which][index - offset]
+    return self._common(self.sources[which][index - offset])
+
+  @staticmethod
+  def _common(example):
     if BAD_KEY in example:
       return example
     # The sources' extra keys differ (a file name, the synthetic's parameters); a batch needs
@@ -70,3 +75,36 @@ class ConcatSource:
 
   def __repr__(self):
     return " + ".join(repr(s) for s in self.sources)
+
+
+class Mixture(ConcatSource):
+  """`main` and `extra` interleaved so that a `fraction` of the examples come from `extra`
+  (`data.extra_train_fraction`), whatever the two sizes: 800 generated pairs beside 200 real
+  images would otherwise make 80% of every batch generated.
+
+  Position i is `extra`'s when floor((i + 1) f) > floor(i f): evenly spread, deterministic.
+  The length covers every example of both at least once; the smaller side repeats.
+  """
+
+  def __init__(self, main, extra, fraction: float):
+    if not 0.0 < fraction < 1.0:
+      raise JaxsegError(f"--config.data.extra_train_fraction={fraction} must be in (0, 1) "
+                        "(or 0: the extra pairs as many times as the real images)")
+    super().__init__([main, extra])
+    self.fraction = fraction
+    self._length = max(math.ceil(len(main) / (1.0 - fraction)), math.ceil(len(extra) / fraction))
+
+  def __len__(self):
+    return self._length
+
+  def __getitem__(self, index):
+    if not 0 <= index < self._length:
+      raise IndexError(index)
+    main, extra = self.sources
+    before = math.floor(index * self.fraction)  # extra positions before this one
+    if math.floor((index + 1) * self.fraction) > before:
+      return self._common(extra[before % len(extra)])
+    return self._common(main[(index - before) % len(main)])
+
+  def __repr__(self):
+    return f"Mixture({self.sources[0]!r}, {self.sources[1]!r}, fraction={self.fraction})"

@@ -45,6 +45,7 @@ def gan_config(config) -> ml_collections.ConfigDict:
   with gan.unlocked():
     gan.data = copy.deepcopy(config.data)
   gan.data.photometric = False
+  gan.data.extra_train_dir = ""  # the GAN learns from real pairs only
   if gan.model.kind != "mask":
     raise JaxsegError(f"--config.gan.model.kind={gan.model.kind!r}: augmentation needs "
                       f"the mask-to-image GAN (kind 'mask'), which draws an image for a label map")

@@ -256,8 +256,10 @@ def make_sources(config):
   if first:
     train = sources.Subset(train, first)
   if config.data.get("extra_train_dir"):
-    train = sources.ConcatSource([train,
-                                  generated.GeneratedPairs(config.data.extra_train_dir)])
+    extra = generated.GeneratedPairs(config.data.extra_train_dir)
+    fraction = config.data.get("extra_train_fraction") or 0.0
+    train = (sources.Mixture(train, extra, fraction) if fraction
+             else sources.ConcatSource([train, extra]))
   return train, val
 
 
