@@ -134,7 +134,10 @@ class BackboneFeatures(_Features):
     def apply(images):
       images = images.astype(jnp.float32)
       if size:
-        images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear")
+        # Without antialiasing, like the TF bilinear resize of the FID code, also when
+        # shrinking.
+        images = jax.image.resize(images, (images.shape[0], size, size, 3), "bilinear",
+                                  antialias=False)
       stage4 = module.apply(variables, preprocess(images), train=False)["stage4"]
       return jnp.mean(stage4.astype(jnp.float32), axis=(1, 2))
 

@@ -11,7 +11,7 @@ import pytest
 
 from jaxseg.data import SyntheticShapes, generated
 from jaxseg.errors import JaxsegError
-from jaxseg.train import gan_augment
+from jaxseg.train import gan_augment, gan_loop
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,6 +29,15 @@ def test_paste_moves_a_donor_object_and_nothing_else():
   # The pasted pixels are the whole object, shifted: a 4x4 square somewhere in the map.
   ys, xs = np.nonzero(out == 2)
   assert (out == 2).sum() == 16 and ys.max() - ys.min() == 3 and xs.max() - xs.min() == 3
+  # Objects cut by the donor's border, and blobs of the background class, are not taken.
+  cut = np.zeros((16, 16), np.uint8)
+  cut[0:4, 5:9] = 2
+  assert gan_augment.paste_objects(label, cut, np.random.default_rng(3), max_objects=3)[1] == 0
+  hole = np.ones((16, 16), np.uint8)
+  hole[5:9, 5:9] = 0
+  assert gan_augment.paste_objects(label, hole, np.random.default_rng(3), max_objects=3,
+                                   background=0)[1] == 0
+  assert gan_augment.paste_objects(label, hole, np.random.default_rng(3), max_objects=3)[1] == 1
   # Specks (below min_area) are not objects: nothing to paste.
   speck = np.zeros((16, 16), np.uint8)
   speck[0, 0] = 3
@@ -54,7 +63,7 @@ def test_label_maps_are_a_function_of_seed_and_index():
 
 class _StandIn:
   """A generator stand-in: colours each label map and adds noise from the pair's key."""
-  image_size, workdir, step = (32, 32), "gan", 5
+  image_size, workdir, step, batch_size = (32, 32), "gan", 5, 4
 
   def draw(self, labels, keys):
     noise = np.stack([np.asarray(jax.random.randint(k, (32, 32, 3), 0, 40)) for k in keys])
@@ -98,6 +107,27 @@ def test_interrupted_generation_continues_with_the_same_pairs(tmp_path, monkeypa
   with pytest.raises(JaxsegError, match=r"cut holds pairs generated with other settings .*"
                                         r"delete it to generate again"):
     gan_augment.generate_pairs(_config(num_pairs=12), _StandIn(), source, str(tmp_path / "cut"))
+
+
+def test_a_drawn_pair_does_not_depend_on_the_others_drawn_with_it():
+  """Resumed generation draws other batch companions (and padding): the bytes must not move."""
+  from jaxseg.models import mask_gan  # pylint: disable=g-import-not-at-top
+  from jaxseg.train import gan as gan_lib  # pylint: disable=g-import-not-at-top
+  gan = gan_lib.GAN(
+      "mask", mask_gan.MaskToImageGenerator(num_classes=3, ch=4, channels=(2, 1), z_dim=8,
+                                            attention_resolution=8),
+      mask_gan.PatchDiscriminator(num_classes=3, ch=8, num_downsamples=2), z_dim=8)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 3, (6, 16, 16)).astype(np.uint8)
+  example = {"image": np.zeros((6, 16, 16, 3), np.uint8), "label": labels.astype(np.int32)}
+  g_tx, d_tx = gan_lib.make_optimizers()
+  state = gan_lib.init_state(gan, example, jax.random.key(0), g_tx, d_tx)
+  generator = gan_loop.Generator(gan, state, "gan", 0, (16, 16), batch_size=6)
+  keys = [jax.random.fold_in(jax.random.key(1), i) for i in range(6)]
+  whole = generator.draw(labels, keys)
+  assert whole.shape == (6, 16, 16, 3) and whole.dtype == np.uint8
+  np.testing.assert_array_equal(generator.draw(labels[2:5], keys[2:5]), whole[2:5])
+  assert len({image.tobytes() for image in whole}) == 6  # each pair its own noise
 
 
 def test_experiment_end_to_end(tmp_path):

@@ -58,6 +58,12 @@ def test_mixture_draws_the_given_share_of_extra_examples(tmp_path, real):
            {real[k]["image"].tobytes() for k in range(3)}]
   assert extra == [3, 7, 11]  # every 4th position, each pair once
   assert repr(mixed).endswith("count=3), fraction=0.25)")
+  # 29 pairs at 0.29: in floats, 100 x 0.29 = 28.999... would drop the last pair.
+  _write(tmp_path / "many", real, [0] * 29)
+  mixed = Mixture(Subset(SyntheticShapes("train", image_size=32), 10),
+                  GeneratedPairs(str(tmp_path / "many")), 0.29)
+  assert len(mixed) == 100
+  assert sum(mixed[i]["image"].tobytes() == real[0]["image"].tobytes() for i in range(100)) == 29
   with pytest.raises(JaxsegError, match=r"extra_train_fraction=1.0 must be in \(0, 1\)"):
     Mixture(real, GeneratedPairs(str(tmp_path)), 1.0)
 

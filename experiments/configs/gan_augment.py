@@ -10,8 +10,8 @@ and `segmentation.*` experiments.unet's. More:
         --config.data.crop_size=64 --config.augment.seeds='(0, 1, 2)'
 
 The defaults are the low-data regime, where extra images could matter: 200 real train images of
-the synthetic shapes, 800 generated pairs (half of them from perturbed maps), three seeds per
-arm; and sized for a CPU: 32x32 images, a GAN of 1.3 M + 0.2 M parameters for 2000 steps.
+the synthetic shapes, 800 generated pairs (half of them from perturbed maps) making a quarter
+of the augmented arm's examples, three seeds per arm; and sized for a CPU: 32x32 images, a GAN of 1.3 M + 0.2 M parameters for 2000 steps.
 """
 
 import ml_collections
@@ -26,6 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = common.base_config().data
   config.data.num_train_examples = 200  # real train images (0: the whole split)
   config.data.image_size = 32  # synthetic; other datasets: data.crop_size sets the pair size
+  # A quarter of the real+generated arm's examples are generated pairs, the rest real: the
+  # pairs supplement the real images rather than outnumber them (0: each pair as often as each
+  # real image, which with these defaults makes 80% of the examples generated).
+  config.data.extra_train_fraction = 0.25
 
   config.gan = sagan_config.get_config()
   del config.gan.data

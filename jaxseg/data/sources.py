@@ -7,7 +7,7 @@ class metadata (class_names, num_classes, palette, ignore_index).
 
 from __future__ import annotations
 
-import math
+import fractions
 from typing import Sequence
 
 import numpy as np
@@ -82,8 +82,9 @@ class Mixture(ConcatSource):
   (`data.extra_train_fraction`), whatever the two sizes: 800 generated pairs beside 200 real
   images would otherwise make 80% of every batch generated.
 
-  Position i is `extra`'s when floor((i + 1) f) > floor(i f): evenly spread, deterministic.
-  The length covers every example of both at least once; the smaller side repeats.
+  With the fraction as p/q, position i is `extra`'s when floor((i + 1) p / q) > floor(i p / q):
+  evenly spread, deterministic, in integers (floats drop a position: 100 x 0.29 is
+  28.999...). The length covers every example of both at least once; the smaller side repeats.
   """
 
   def __init__(self, main, extra, fraction: float):
@@ -92,7 +93,10 @@ class Mixture(ConcatSource):
                         "(or 0: the extra pairs as many times as the real images)")
     super().__init__([main, extra])
     self.fraction = fraction
-    self._length = max(math.ceil(len(main) / (1.0 - fraction)), math.ceil(len(extra) / fraction))
+    ratio = fractions.Fraction(fraction).limit_denominator(10**6)
+    self._p, self._q = ratio.numerator, ratio.denominator
+    p, q = self._p, self._q
+    self._length = max(-(-len(main) * q // (q - p)), -(-len(extra) * q // p))
 
   def __len__(self):
     return self._length
@@ -101,8 +105,8 @@ class Mixture(ConcatSource):
     if not 0 <= index < self._length:
       raise IndexError(index)
     main, extra = self.sources
-    before = math.floor(index * self.fraction)  # extra positions before this one
-    if math.floor((index + 1) * self.fraction) > before:
+    before = index * self._p // self._q  # extra positions before this one
+    if (index + 1) * self._p // self._q > before:
       return self._common(extra[before % len(extra)])
     return self._common(main[(index - before) % len(main)])
 

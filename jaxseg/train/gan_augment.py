@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -62,36 +63,44 @@ def segmentation_config(config, seed: int, extra_train_dir: str = "") -> ml_coll
   return seg
 
 
-def random_crop(label: np.ndarray, size, rng: np.random.Generator) -> np.ndarray:
-  """A random `size` window of an (H, W, ...) array."""
-  h, w = label.shape[:2]
+def random_crop(array: np.ndarray, size, rng: np.random.Generator,
+                fill: np.ndarray | int = 0) -> np.ndarray:
+  """A random `size` window of an (H, W, ...) array; one smaller than `size` is first padded
+  at the bottom/right with `fill` (per channel), as the training pipeline pads small images."""
+  h, w = array.shape[:2]
   if h < size[0] or w < size[1]:
-    raise JaxsegError(f"a train label map of {h}x{w} is smaller than the GAN's {size[0]}x"
-                      f"{size[1]} (--config.data.crop_size)")
+    padded = np.empty((max(h, size[0]), max(w, size[1]), *array.shape[2:]), array.dtype)
+    padded[...] = fill
+    padded[:h, :w] = array
+    array, h, w = padded, *padded.shape[:2]
   y, x = rng.integers(0, h - size[0] + 1), rng.integers(0, w - size[1] + 1)
-  return label[y:y + size[0], x:x + size[1]]
+  return array[y:y + size[0], x:x + size[1]]
 
 
 def paste_objects(label: np.ndarray, donor: np.ndarray, rng: np.random.Generator, *,
-                  max_objects: int, ignore_index: int = 255,
+                  max_objects: int, ignore_index: int = 255, background: int | None = None,
                   min_area: float = 0.005) -> tuple[np.ndarray, int]:
   """Copies up to `max_objects` connected regions of one class of `donor` into `label`, each
   shifted to a random place where it fits whole; returns (new label map, objects pasted).
 
-  Regions smaller than `min_area` of the map are not taken (specks would add nothing the
-  generator can draw); regions that cover the whole map neither (a pasted sky is a new map,
-  not a new layout).
+  Not taken: the `background` class (a pasted blob of it would erase real objects), regions
+  that touch the donor's border (they may be cut off there), specks under `min_area` of the
+  map (nothing the generator can draw), and regions of half the map or more (a pasted sky is
+  a new map, not a new layout).
   """
   out = label.copy()
   h, w = label.shape
   candidates = []
   for k in np.unique(donor):
-    if k == ignore_index:
+    if k in (ignore_index, background):
       continue
     components, n = scipy.ndimage.label(donor == k)
+    # Components that reach the border: their labels on the outermost rows and columns.
+    border = set(np.unique(np.concatenate([components[0], components[-1], components[:, 0],
+                                           components[:, -1]])).tolist())
     for i in range(1, n + 1):
       mask = components == i
-      if min_area * h * w <= mask.sum() < 0.5 * h * w:
+      if i not in border and min_area * h * w <= mask.sum() < 0.5 * h * w:
         candidates.append((int(k), mask))
   if not candidates:
     return out, 0
@@ -107,24 +116,36 @@ def paste_objects(label: np.ndarray, donor: np.ndarray, rng: np.random.Generator
   return out, len(chosen)
 
 
+def background_class(source) -> int | None:
+  """The class called "background", if any (as the GAN loop takes it)."""
+  return 0 if source.class_names[0] == "background" else None
+
+
+DONOR_TRIES = 10  # donor crops tried for a perturbed map before it is left as it is
+
+
 def label_map(source, index: int, size, seed: int, *, perturbed: bool, max_objects: int):
-  """Pair `index`'s label map and the real image of its crop: a random crop (and flip) of a
-  random train map, with objects of another map pasted in when `perturbed`.
+  """(label map, real image of its crop, objects pasted) of pair `index`: a random crop (and
+  flip) of a random train map; when `perturbed`, objects of other maps are pasted in (donor
+  crops are drawn until one has an object that fits, at most DONOR_TRIES).
 
   A pure function of (seed, index), so an interrupted generation continues with the same maps.
   """
   rng = np.random.default_rng([seed, index])
+  ignore = source.ignore_index
   example = source[int(rng.integers(len(source)))]
   stacked = np.concatenate([example["label"][..., None].astype(np.uint8), example["image"]], -1)
-  crop = random_crop(stacked, size, rng) if stacked.shape[:2] != tuple(size) else stacked
+  crop = random_crop(stacked, size, rng, fill=np.array([ignore, 0, 0, 0], np.uint8))
   if rng.random() < 0.5:
     crop = crop[:, ::-1]
   label, image, pasted = crop[..., 0], crop[..., 1:], 0
-  if perturbed:
+  for _ in range(DONOR_TRIES if perturbed else 0):
     donor = random_crop(source[int(rng.integers(len(source)))]["label"].astype(np.uint8), size,
-                        rng)
+                        rng, fill=ignore)
     label, pasted = paste_objects(label, donor, rng, max_objects=max_objects,
-                                  ignore_index=source.ignore_index)
+                                  ignore_index=ignore, background=background_class(source))
+    if pasted:
+      break
   return np.ascontiguousarray(label), np.ascontiguousarray(image), pasted
 
 
@@ -136,18 +157,21 @@ def generate_pairs(config, generator, train_source, directory: str) -> dict[str,
   n = a.num_pairs
   n_perturbed = int(round(a.perturbed_fraction * n))
   size = generator.image_size
-  record = {"gan_step": generator.step, "num_pairs": n,
-            "num_perturbed": n_perturbed, "max_objects": a.max_objects, "seed": a.seed,
-            "train_data": repr(train_source), "size": list(size)}
+  batch = generator.batch_size
+  # Everything the pairs depend on; the bytes also depend on the compiled program (the draw
+  # batch, the backend), so those are recorded too.
+  record = {"gan_step": generator.step, "gan_model": config.gan.model.to_dict(),
+            "num_pairs": n, "num_perturbed": n_perturbed, "max_objects": a.max_objects,
+            "seed": a.seed, "train_data": repr(train_source), "size": list(size),
+            "draw_batch": batch, "backend": jax.default_backend()}
   done = 0
   if os.path.exists(os.path.join(directory, "meta.json")):
     existing = generated.GeneratedPairs(directory)
-    if existing.info.get("generation") != record:
+    if existing.info.get("generation") != json.loads(json.dumps(record)):
       raise JaxsegError(
           f"{directory} holds pairs generated with other settings ({existing.info.get('generation')}"
           f"); delete it to generate again with {record}")
     done = len(existing)
-  batch = config.gan.train.batch_size
   bar = tqdm.tqdm(total=n, initial=done, desc="generating pairs", unit="pair",
                   dynamic_ncols=True, disable=jax.process_index() != 0)
   for start in range(done, n, batch):
@@ -157,9 +181,11 @@ def generate_pairs(config, generator, train_source, directory: str) -> dict[str,
     labels = np.stack([m[0] for m in maps])
     images = generator.draw(labels, [jax.random.fold_in(jax.random.key(a.seed), i)
                                      for i in indices])
-    generated.write_pairs(directory, images, labels, class_names=train_source.class_names,
-                          palette=train_source.palette, ignore_index=train_source.ignore_index,
-                          start=start, info={"generation": record})
+    if jax.process_index() == 0:  # every process draws (one SPMD program), one writes
+      generated.write_pairs(directory, images, labels, class_names=train_source.class_names,
+                            palette=train_source.palette,
+                            ignore_index=train_source.ignore_index, start=start,
+                            info={"generation": record})
     bar.update(len(indices))
   bar.close()
   return record
@@ -198,8 +224,10 @@ def per_class_figure(path: str, arms: dict[str, list[dict]], class_names) -> str
   width = 0.8 / len(arms)
   for j, (name, runs) in enumerate(arms.items()):
     iou = np.array([[np.nan if v is None else v for v in r["per_class_iou"]] for r in runs])
-    mean = np.nanmean(iou, 0)
-    err = np.stack([mean - np.nanmin(iou, 0), np.nanmax(iou, 0) - mean])
+    with warnings.catch_warnings():  # a class absent from the val split: no bar, no warning
+      warnings.simplefilter("ignore", RuntimeWarning)
+      mean = np.nanmean(iou, 0)
+      err = np.stack([mean - np.nanmin(iou, 0), np.nanmax(iou, 0) - mean])
     miou = np.mean([r["miou"] for r in runs])
     ax.bar(np.arange(k) + (j - (len(arms) - 1) / 2) * width, mean, width,
            yerr=err if len(runs) > 1 else None, capsize=2, label=f"{name} (mIoU {miou:.3f})")
@@ -213,6 +241,14 @@ def per_class_figure(path: str, arms: dict[str, list[dict]], class_names) -> str
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def _mean_per_class(rows) -> list[float | None]:
+  """Per-class mean over seeds; None where a class has no IoU in any seed (JSON has no NaN)."""
+  iou = np.array([[np.nan if v is None else v for v in row] for row in rows], np.float64)
+  present = ~np.isnan(iou).all(0)
+  means = np.nanmean(np.where(present, iou, 0.0), 0)
+  return [round(float(m), 4) if p else None for m, p in zip(means, present)]
 
 
 def _stats(values):
@@ -230,6 +266,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   if not 0.0 <= a.perturbed_fraction <= 1.0:
     raise JaxsegError(f"--config.augment.perturbed_fraction={a.perturbed_fraction} must be in "
                       "[0, 1]")
+  if a.max_objects < 1:
+    raise JaxsegError(f"--config.augment.max_objects={a.max_objects} must be at least 1")
   if not a.seeds:
     raise JaxsegError("--config.augment.seeds is empty; give at least one seed, e.g. (0,)")
   os.makedirs(workdir, exist_ok=True)
@@ -253,9 +291,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   keys = ("miou", "pixel_accuracy", "mean_dice")
   arms = {arm: {**{k: _stats([r[k] for r in rs]) for k in keys},
-                "per_class_iou": np.nanmean(np.array(
-                    [[np.nan if v is None else v for v in r["per_class_iou"]] for r in rs]),
-                    0).round(4).tolist(),
+                "per_class_iou": _mean_per_class([r["per_class_iou"] for r in rs]),
                 "steps": rs[0]["steps"], "train_seconds": sum(r["train_seconds"] for r in rs)}
           for arm, rs in runs.items()}
   difference = [g["miou"] - r["miou"] for r, g in zip(runs["real"], runs["real+generated"])]
@@ -264,6 +300,9 @@ def run(config, workdir: str) -> dict[str, Any]:
       "real_train_examples": len(train_source),
       "generated_pairs": a.num_pairs,
       "generated_from_perturbed_maps": int(round(a.perturbed_fraction * a.num_pairs)),
+      # The share of the real+generated arm's examples that are generated (data.
+      # extra_train_fraction; 0 means each pair as often as each real image).
+      "extra_train_fraction": config.data.extra_train_fraction,
       "segmentation_model": config.segmentation.model.name,
       "arms": arms,
       "miou_difference": _stats(difference),  # real+generated minus real, paired by seed
