@@ -177,7 +177,7 @@ def test_truncated_and_foreign_keras_files(tmp_path):
 
 def test_arguments_are_checked_before_reading(tmp_path):
   with pytest.raises(JaxsegError, match="--arch='resnet18' has no keras converter; valid: "
-                                        "resnet101, resnet50, xception"):
+                                        "inception_v3, resnet101, resnet50, xception"):
     weights.convert_file("keras", "resnet18", "x.h5", str(tmp_path / "out"))
   with pytest.raises(JaxsegError, match="--source='onnx' is not one of keras, torch"):
     weights.convert_file("onnx", "resnet50", "x.onnx", str(tmp_path / "out"))

@@ -19,6 +19,16 @@ BACKBONES = {
 }
 
 
+# Registered for weight conversion and FID features only: no output stride but 32, and "valid"
+# convolutions, so no segmentation model is built on them.
+FEATURES_ONLY = frozenset({"inception_v3"})
+
+
+def segmentation_backbones() -> list[str]:
+  """The backbones a segmentation model (DeepLab, U-Net) can be built on, sorted."""
+  return sorted(set(BACKBONES) - FEATURES_ONLY)
+
+
 def get_backbone(name: str):
   """The backbone factory registered under `name` (a partial of a linen module)."""
   if name not in BACKBONES:
@@ -26,5 +36,6 @@ def get_backbone(name: str):
   return BACKBONES[name]
 
 
-__all__ = ["BACKBONES", "get_backbone", "inception", "resnet", "xception", "InceptionV3",
-           "ResNet", "ResNet50", "ResNet101", "Xception", "Xception65"]
+__all__ = ["BACKBONES", "FEATURES_ONLY", "get_backbone", "segmentation_backbones", "inception",
+           "resnet", "xception", "InceptionV3", "ResNet", "ResNet50", "ResNet101", "Xception",
+           "Xception65"]
