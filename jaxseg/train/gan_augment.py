@@ -223,7 +223,7 @@ def per_class_figure(path: str, arms: dict[str, list[dict]], class_names) -> str
   fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * k + 2), 3.6))
   width = 0.8 / len(arms)
   for j, (name, runs) in enumerate(arms.items()):
-    iou = np.array([[np.nan if v is None else v for v in r["per_class_iou"]] for r in runs])
+    iou = _iou_array([r["per_class_iou"] for r in runs])
     with warnings.catch_warnings():  # a class absent from the val split: no bar, no warning
       warnings.simplefilter("ignore", RuntimeWarning)
       mean = np.nanmean(iou, 0)
@@ -243,9 +243,14 @@ def per_class_figure(path: str, arms: dict[str, list[dict]], class_names) -> str
   return path
 
 
+def _iou_array(rows) -> np.ndarray:
+  """Per-seed per-class IoU lists (None: class absent) -> float64 (seeds, classes), NaN gaps."""
+  return np.array([[np.nan if v is None else v for v in row] for row in rows], np.float64)
+
+
 def _mean_per_class(rows) -> list[float | None]:
   """Per-class mean over seeds; None where a class has no IoU in any seed (JSON has no NaN)."""
-  iou = np.array([[np.nan if v is None else v for v in row] for row in rows], np.float64)
+  iou = _iou_array(rows)
   present = ~np.isnan(iou).all(0)
   means = np.nanmean(np.where(present, iou, 0.0), 0)
   return [round(float(m), 4) if p else None for m, p in zip(means, present)]
