@@ -20,7 +20,7 @@ import numpy as np
 
 from experiments.configs import deeplab as deeplab_config
 from jaxseg.models import create_model
-from jaxseg.train import segmentation, sharding
+from jaxseg.train import segmentation, sharding, xla_stats
 
 
 def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size=(512, 512),
@@ -47,11 +47,9 @@ def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size
       mesh)
 
   t = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled, stats = xla_stats.compile_with_stats(train_step, state, batch)
   compile_s = time.perf_counter() - t
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan")))
+  flops = stats["flops"] if stats["flops"] is not None else float("nan")
   state, out = compiled(state, batch)  # warm-up
   jax.block_until_ready(out)
   times = []
@@ -61,9 +59,7 @@ def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t)
   step_s = statistics.median(times)
-  memory = compiled.memory_analysis()
-  xla_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-              + memory.temp_size_in_bytes - memory.alias_size_in_bytes) if memory else float("nan")
+  xla_peak = stats["peak_bytes"] if stats["peak_bytes"] is not None else float("nan")
   return {"compile_s": compile_s, "step_s": step_s, "times": times, "flops": flops,
           "images_per_second": batch_size / step_s, "xla_peak": xla_peak,
           "dtype": np.dtype(compute).name, "loss": float(out["loss"]),

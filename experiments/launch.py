@@ -86,11 +86,12 @@ def report(summary: dict, workdir: str, pictures: Sequence[str] = ("predictions.
   print(f"wrote {workdir}/summary.json, {', '.join(pictures)}, metrics.jsonl, checkpoints/")
 
 
-def run(main: Callable[[], None]) -> None:
-  """app.run with one-line errors for everything a user can fix."""
+def run(main: Callable[..., None], positional: bool = False) -> None:
+  """app.run with one-line errors for everything a user can fix. With `positional`, main
+  takes the command line's positional arguments (e.g. file names)."""
 
   def _main(argv):
-    if len(argv) > 1:
+    if len(argv) > 1 and not positional:
       sys.exit(f"error: unexpected arguments {' '.join(argv[1:])!r} (flags look like --name=value)")
     logging.set_verbosity(logging.INFO)
     # Orbax narrates every save at INFO and JAX every backend it probes; keep our own INFO
@@ -102,7 +103,10 @@ def run(main: Callable[[], None]) -> None:
                  jax.device_count(), jax.default_backend(), jax.process_count(),
                  ", ".join(sorted({d.device_kind for d in jax.devices()})))
     try:
-      main()
+      if positional:
+        main(argv[1:])
+      else:
+        main()
     except (JaxsegError, FloatingPointError) as e:  # bad input, or training diverged
       sys.exit(f"error: {e}")
 

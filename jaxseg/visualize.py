@@ -116,3 +116,82 @@ def tile(path: str, images: np.ndarray, *, columns: int = 8, gap: int = 2) -> st
     canvas[y * (h + gap):y * (h + gap) + h, x * (w + gap):x * (w + gap) + w] = image
   Image.fromarray(canvas).save(path)
   return path
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def confusion_heatmap(path: str, confusion: np.ndarray, class_names: Sequence[str], *,
+                      title: str | None = None) -> str:
+  """Writes the confusion matrix as a heatmap, each row (true class) normalised to sum to 1 so
+  that rare classes read as clearly as common ones; cells show the share in percent."""
+  plt = _pyplot()
+  confusion = np.asarray(confusion, np.float64)
+  rows = confusion.sum(1, keepdims=True)
+  share = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+  k = len(class_names)
+  size = max(4.0, 0.45 * k + 2.0)
+  fig, ax = plt.subplots(figsize=(size + 1.0, size))
+  shown = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+  if k <= 30:  # COCO's 81 classes: colours only
+    for i in range(k):
+      for j in range(k):
+        if share[i, j] >= 0.005:
+          ax.text(j, i, f"{100 * share[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                  color="white" if share[i, j] > 0.5 else "black")
+  ax.set_xticks(range(k))
+  ax.set_yticks(range(k))
+  ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=8)
+  ax.set_yticklabels(class_names, fontsize=8)
+  ax.set_xlabel("predicted class")
+  ax.set_ylabel("true class")
+  fig.colorbar(shown, ax=ax, shrink=0.8, label="share of the true class's pixels")
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, *,
+            alpha: float = 0.5, ignore_index: int = 255) -> np.ndarray:
+  """The image with its label map's colours blended in (`alpha` of the colour); uint8."""
+  colours = colorize(labels, palette, ignore_index).astype(np.float32)
+  blended = (1 - alpha) * np.asarray(image, np.float32) + alpha * colours
+  keep = np.asarray(labels) == ignore_index
+  blended[keep] = np.asarray(image, np.float32)[keep]
+  return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def grouped_bars(path: str, groups: Sequence[str], series: dict[str, Sequence[float | None]],
+                 *, errors: dict[str, np.ndarray] | None = None, ylabel: str = "",
+                 title: str = "", ylim: tuple[float, float] | None = (0.0, 1.0)) -> str:
+  """Writes a bar chart: for each group (x tick), one bar per series (legend). None or NaN
+  values leave a gap; `errors` {series: (2, groups) below/above} draws error bars."""
+  plt = _pyplot()
+  k, n = len(groups), len(series)
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * k * n + 0.6 * k + 2), 3.8))
+  width = 0.8 / max(n, 1)
+  for j, (name, values) in enumerate(series.items()):
+    values = np.array([np.nan if v is None else v for v in values], np.float64)
+    ax.bar(np.arange(k) + (j - (n - 1) / 2) * width, values, width, label=name,
+           yerr=None if errors is None or name not in errors else errors[name], capsize=2)
+  ax.set_xticks(np.arange(k))
+  tilt = k > 4 or max(len(g) for g in groups) > 8
+  ax.set_xticklabels(groups, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+  ax.set_ylabel(ylabel)
+  if ylim is not None:
+    ax.set_ylim(*ylim)
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxseg.data import SyntheticShapes, pipeline
+from jaxseg.data import SyntheticShapes, from_config, pipeline
 from jaxseg.data.generated import GeneratedPairs, write_pairs
 from jaxseg.data.sources import ConcatSource, Mixture, Subset
 from jaxseg.errors import JaxsegError
@@ -81,21 +81,20 @@ def test_mismatched_classes_and_missing_files_are_one_line(tmp_path, real):
 
 
 def test_the_train_split_takes_the_first_n_real_examples_and_the_extra_pairs(tmp_path, real):
-  from jaxseg.train import segmentation  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
   _write(tmp_path / "pairs", real, [0, 1, 2])
   config = helpers.tiny_config(steps=1)
   config.data.extra_train_dir = str(tmp_path / "pairs")
-  train, _ = segmentation.make_sources(config)
+  train, _ = from_config.make_sources(config)
   assert len(train) == 100_000 + 3 and repr(train).endswith("count=3)")
   config.data.num_train_examples = 10  # a low-data run: 10 real images, then the pairs
-  train, _ = segmentation.make_sources(config)
+  train, _ = from_config.make_sources(config)
   assert len(train) == 13 and "[:10] + GeneratedPairs(" in repr(train)
   np.testing.assert_array_equal(train[10]["label"], real[0]["label"])
   config.data.extra_train_fraction = 0.5  # half of the examples from the pairs
-  train, _ = segmentation.make_sources(config)
+  train, _ = from_config.make_sources(config)
   assert repr(train).startswith("Mixture(") and len(train) == 20
   config.data.num_train_examples = -1
   with pytest.raises(JaxsegError, match=r"--config.data.num_train_examples=-1 must be at least"):
-    segmentation.make_sources(config)
+    from_config.make_sources(config)
   # Training on them is experiments.gan_augment's end-to-end test (tests/test_gan_augment.py).

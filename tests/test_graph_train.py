@@ -13,7 +13,7 @@ import pytest
 
 from experiments.configs import superpixel_gnn as gnn_config
 from jaxseg import metrics
-from jaxseg.data import graph_data, superpixels as sp
+from jaxseg.data import from_config, graph_data, superpixels as sp
 from jaxseg.train import graph, optim, sharding
 from jaxseg.train.state import TrainState
 from jaxseg.models.superpixel_gnn import SuperpixelGNN
@@ -167,7 +167,7 @@ def test_hybrid_adds_the_cnn_probabilities_to_the_node_features(tmp_path):
   cnn_summary = segmentation.train_and_evaluate(cnn, str(tmp_path / "cnn"))
   run = runs.load_run(str(tmp_path / "cnn"))
   # The restored model reproduces the run's own evaluation.
-  val = segmentation.make_sources(cnn)[1]
+  val = from_config.make_sources(cnn)[1]
   confusion = sum(np.asarray(metrics.confusion_matrix(
       val[i]["label"], np.argmax(run.logits(val[i]["image"][None])[0], -1), run.num_classes))
                   for i in range(cnn.train.num_eval_examples))

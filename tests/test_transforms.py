@@ -2,12 +2,10 @@
 with ignore_index, and is a pure function of the seed; sliding-window evaluation covers every
 pixel and equals whole-image inference for a per-pixel model."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxseg.data import pipeline, transforms
-from jaxseg.train import steps
 
 PALETTE = np.array([[250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0]], np.uint8)
 
@@ -114,25 +112,6 @@ def test_pad_to_marks_padding_ignored():
   assert np.all(out["label"][30:] == 255) and np.all(out["label"][:, 40:] == 255)
   with pytest.raises(ValueError, match=r"x is 30x40 \(HxW\), larger than the evaluation canvas"):
     transforms.PadTo((16, 48)).map(example)
-
-
-@pytest.mark.parametrize("size, window", [(10, 4), (9, 9), (7, 10), (20, 6)])
-def test_window_starts_cover_the_image(size, window):
-  starts = steps.window_starts(size, window)
-  covered = np.zeros(size, bool)
-  for s in starts:
-    covered[s:s + window] = True
-    assert 0 <= s and s + min(window, size) <= size
-  assert covered.all()
-
-
-def test_sliding_window_equals_whole_image_for_a_per_pixel_model():
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(2, 21, 30, 3)), jnp.float32)
-  weights = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
-  apply = lambda x: x @ weights  # a 1x1 conv: context-free, so windows cannot change it
-  np.testing.assert_allclose(steps.sliding_logits(apply, images, (8, 12), 5), apply(images),
-                             rtol=1e-5, atol=1e-5)
 
 
 class _Draws:

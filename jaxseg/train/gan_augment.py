@@ -32,7 +32,7 @@ import scipy.ndimage
 import tqdm
 
 from jaxseg import visualize
-from jaxseg.data import generated
+from jaxseg.data import from_config, generated
 from jaxseg.errors import JaxsegError
 from jaxseg.train import gan_loop, segmentation
 
@@ -216,31 +216,19 @@ def pairs_figure(path: str, config, generator, train_source, directory: str, row
 
 def per_class_figure(path: str, arms: dict[str, list[dict]], class_names) -> str:
   """Grouped bars: per-class val IoU of each arm (mean over seeds, range as error bars)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  k = len(class_names)
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * k + 2), 3.6))
-  width = 0.8 / len(arms)
-  for j, (name, runs) in enumerate(arms.items()):
+  series, errors = {}, {}
+  for name, runs in arms.items():
     iou = _iou_array([r["per_class_iou"] for r in runs])
+    label = f"{name} (mIoU {np.mean([r['miou'] for r in runs]):.3f})"
     with warnings.catch_warnings():  # a class absent from the val split: no bar, no warning
       warnings.simplefilter("ignore", RuntimeWarning)
       mean = np.nanmean(iou, 0)
-      err = np.stack([mean - np.nanmin(iou, 0), np.nanmax(iou, 0) - mean])
-    miou = np.mean([r["miou"] for r in runs])
-    ax.bar(np.arange(k) + (j - (len(arms) - 1) / 2) * width, mean, width,
-           yerr=err if len(runs) > 1 else None, capsize=2, label=f"{name} (mIoU {miou:.3f})")
-  ax.set_xticks(np.arange(k))
-  ax.set_xticklabels(class_names, rotation=45, ha="right")
-  ax.set_ylabel("val IoU")
-  ax.set_ylim(0, 1)
-  ax.legend(loc="upper right", fontsize="small")
-  ax.set_title(f"Per-class val IoU, {len(next(iter(arms.values())))} seed(s) per arm")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+      if len(runs) > 1:
+        errors[label] = np.stack([mean - np.nanmin(iou, 0), np.nanmax(iou, 0) - mean])
+    series[label] = mean.tolist()
+  return visualize.grouped_bars(
+      path, list(class_names), series, errors=errors, ylabel="val IoU",
+      title=f"Per-class val IoU, {len(next(iter(arms.values())))} seed(s) per arm")
 
 
 def _iou_array(rows) -> np.ndarray:
@@ -281,7 +269,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   gan_cfg = gan_config(config)
   gan_summary = gan_loop.train_and_evaluate(gan_cfg, gan_dir)
   generator = gan_loop.restore_generator(gan_cfg, gan_dir)
-  train_source, _ = segmentation.make_sources(segmentation_config(config, a.seeds[0]))
+  train_source, _ = from_config.make_sources(segmentation_config(config, a.seeds[0]))
   generate_pairs(config, generator, train_source, pairs_dir)
   pairs_figure(os.path.join(workdir, "generated_pairs.png"), config, generator, train_source,
                pairs_dir)

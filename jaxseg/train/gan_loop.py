@@ -26,7 +26,8 @@ from jaxseg.train import gan as gan_lib
 from jaxseg.train import sharding
 from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume
 from jaxseg.train.logging import MetricWriter, Progress
-from jaxseg.train.segmentation import make_data, save_config
+from jaxseg.data.from_config import make_data
+from jaxseg.train.segmentation import save_config
 
 
 def _center_crop(array, size):

@@ -29,11 +29,12 @@ from jaxseg import metrics, visualize
 from jaxseg.data import graph_data, sources, superpixels as sp
 from jaxseg.errors import JaxsegError
 from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN, node_loss
-from jaxseg.train import sharding
+from jaxseg.train import runs, sharding, xla_stats
 from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
 from jaxseg.train.logging import MetricWriter, Progress
-from jaxseg.train.segmentation import (_fmt, compute_dtype, make_sources,
-                                       optimizer_from_config, save_config)
+from jaxseg.data.from_config import make_sources
+from jaxseg.train.segmentation import (_fmt, compute_dtype, optimizer_from_config, save_config,
+                                       step_figures)
 from jaxseg.train.state import TrainState
 from jaxseg.train.steps import apply_update
 
@@ -178,7 +179,7 @@ def evaluate(eval_step, state, graphs: graph_data.GraphSet, mesh, budget: Budget
   return confusion, kept
 
 
-def _model(config, num_classes: int, dtype) -> SuperpixelGNN:
+def make_model(config, num_classes: int, dtype) -> SuperpixelGNN:
   """The one place where config.model becomes constructor arguments."""
   unknown = sorted(set(config.model.keys()) - set(_MODEL_KEYS) - {"name", "dtype"})
   if unknown:
@@ -188,6 +189,22 @@ def _model(config, num_classes: int, dtype) -> SuperpixelGNN:
                       f"{', '.join(LAYERS)}")
   return SuperpixelGNN(num_classes=num_classes, dtype=dtype,
                        **{k: config.model[k] for k in _MODEL_KEYS})
+
+
+def create_state(config, model, example, mesh):
+  """(train state replicated over `mesh`, its sharding, the schedule); `example` is one padded
+  GraphsTuple, which fixes the node and edge feature widths."""
+  schedule, tx = optimizer_from_config(config, config.train.steps)
+
+  def init(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init(params_rng, example, train=False)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={},
+                             rng=state_rng)
+
+  rng = jax.random.key(config.train.seed)
+  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, rng))
+  return jax.jit(init, out_shardings=state_sharding)(rng), state_sharding, schedule
 
 
 def _pictures(path, val, graphs: graph_data.GraphSet, predictions, title: str) -> None:
@@ -227,13 +244,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     val_source = sources.Subset(val_source, config.train.num_eval_examples)
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
   save_config(config, workdir)
+  runs.save_classes(workdir, train_source, config.data.name)
 
   superpixels = superpixels_of(config)
-  model = _model(config, num_classes, dtype)
+  model = make_model(config, num_classes, dtype)
   pixel_features, hybrid = None, None
   if config.hybrid.cnn_workdir:
-    from jaxseg.train.runs import load_run  # pylint: disable=g-import-not-at-top
-    cnn = load_run(config.hybrid.cnn_workdir, "config.hybrid.cnn_workdir")
+    cnn = runs.load_run(config.hybrid.cnn_workdir, "config.hybrid.cnn_workdir")
     if cnn.num_classes != num_classes:
       raise JaxsegError(f"--config.hybrid.cnn_workdir={config.hybrid.cnn_workdir} predicts "
                         f"{cnn.num_classes} classes but {config.data.name} has {num_classes}")
@@ -257,20 +274,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   train_budget = Budget(batch_size // mesh.devices.size, nodes_max, edges_max)
   eval_budget = Budget(eval_batch // mesh.devices.size, nodes_max, edges_max)
 
-  schedule, tx = optimizer_from_config(config, config.train.steps)
   example = jax.tree.map(lambda x: x[0], local_batch(
       train_graphs.graphs, np.arange(min(train_budget.graphs_per_device, len(train_graphs))),
       mesh, Budget(train_budget.graphs_per_device, nodes_max, edges_max), ignore))
-
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, example, train=False)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={},
-                             rng=state_rng)
-
-  rng = jax.random.key(config.train.seed)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, rng))
-  state = jax.jit(init, out_shardings=state_sharding)(rng)
+  state, state_sharding, schedule = create_state(config, model, example, mesh)
   num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
   train_step, eval_step = make_steps(schedule, num_classes)
   data_sharding = sharding.batch_sharding(mesh)
@@ -296,7 +303,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = MetricWriter(workdir, resume_step=start)
   progress = Progress(config.train.steps, start, batch_size)
   steps = config.train.steps
-  t_start, compile_seconds, t_first = time.perf_counter(), None, None
+  t_start, compile_seconds, t_first, step_stats = time.perf_counter(), None, None, None
 
   def seconds_so_far():
     return earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start
@@ -337,6 +344,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       mirror = flips(step, batch_size, config.train.seed) if config.data.flip else None
       batch = _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
                                mirror), mesh)
+      if step_stats is None:  # compiled here once, for its FLOPs and memory as well
+        train_step, step_stats = xla_stats.compile_with_stats(train_step, state, batch)
       state, out = train_step(state, batch)
       if pending is not None:
         drain(*pending)
@@ -355,7 +364,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           drain(*pending)
           pending = None
         ckpt.save(step, state, force=step == steps,
-                  progress={"train_seconds": seconds_so_far()})
+                  progress={"train_seconds": seconds_so_far(),
+                            **step_figures(step_stats, earlier)})
     if pending is not None:
       drain(*pending)
     progress.close()
@@ -396,6 +406,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "dataset": config.data.name, "num_params": num_params, "dtype": jnp.dtype(dtype).name,
       "devices": mesh.devices.size, "platform": jax.default_backend(),
       "global_batch_size": batch_size,
+      **step_figures(step_stats, earlier),
       "nonfinite_steps": int(jax.device_get(state.nonfinite_total)),
       "skipped_examples": train_graphs.skipped + val_graphs.skipped,
       "eval_examples": len(val_graphs),

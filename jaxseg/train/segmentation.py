@@ -6,7 +6,6 @@ dataset, model, loss and optimizer; everything it calls takes plain arguments.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -19,11 +18,13 @@ import numpy as np
 from absl import logging
 
 from jaxseg import losses, metrics, visualize, weights
-from jaxseg.data import dataset_spec, generated, get_dataset, pipeline, sources, transforms
+from jaxseg.data import pipeline
+from jaxseg.data.from_config import make_data
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
+from jaxseg.evaluate import confusion_over
 from jaxseg.models import create_model
-from jaxseg.train import optim, sharding
+from jaxseg.train import optim, runs, sharding, xla_stats
 from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.train.state import TrainState
@@ -181,118 +182,13 @@ def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index,
   return train_step, eval_step
 
 
-def evaluate(eval_step, state, source, mesh, batch_size, num_classes, validate,
-             num_examples=None, keep=0, operations=(), skip_log=None):
-  """Confusion matrix over the split (summed in int64) and `keep` predictions spread evenly
-  over this process's examples (consecutive video frames would show one scene `keep` times).
-  """
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  kept = {"image": [], "label": [], "prediction": []}
-  local = batch_size // jax.process_count()
-  n = len(source) if num_examples is None else min(num_examples, len(source))
-  mine = range(jax.process_index(), n, jax.process_count())  # eval_batches' share
-  wanted = {mine[i * len(mine) // keep] for i in range(keep)} if keep and len(mine) else set()
-  for batch in pipeline.eval_batches(source, local, num_examples, validate,
-                                     jax.process_index(), jax.process_count(), operations,
-                                     skip_log):
-    index = batch.pop("index")
-    cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
-    confusion += np.asarray(jax.device_get(cm), np.int64)
-    rows = [i for i in range(local) if index[i] in wanted]
-    if rows and len(kept["image"]) < keep:
-      # This process's rows only: the global array spans every host's batch.
-      shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
-      predictions = np.concatenate([np.asarray(s.data) for s in shards])
-      for i in rows[:keep - len(kept["image"])]:
-        kept["image"].append(batch["image"][i])
-        kept["label"].append(batch["label"][i])
-        kept["prediction"].append(predictions[i])
-  return confusion, kept
-
-
-@dataclasses.dataclass
-class Data:
-  """The sources, the training loader and how to evaluate, resolved from `config.data`."""
-  train: Any
-  val: Any
-  loader: Any
-  image_shape: tuple[int, int, int]  # what the model is initialised with
-  eval_window: tuple[int, int] | None
-  eval_operations: tuple
-  skip_log: str
-
-
-def _pair(value, key: str, cast=int):
-  """A (h, w)-like config value as a tuple; one number means both."""
-  if value is None:
-    return None
-  values = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-  values = values * 2 if len(values) == 1 else values
-  if len(values) != 2:
-    raise JaxsegError(f"--config.data.{key}={value} must be two numbers")
-  return tuple(cast(v) for v in values)
-
-
-def make_sources(config):
-  """(train, val) sources of `config.data`: name, data_dir and the reader's options."""
-  spec = dataset_spec(config.data.name)
-  chosen = {k: v for k, v in config.data.options.to_dict().items() if v is not None}
-  options = {"image_size": config.data.image_size, "seed": config.data.seed,
-             "preset": config.data.preset, "skip_bad_examples": config.data.skip_bad_examples,
-             **chosen}
-  unknown = sorted(set(chosen) - set(spec.options))
-  if unknown:
-    takes = [k for k in spec.options if k in config.data.options]
-    raise JaxsegError(f"--config.data.options.{unknown[0]}: dataset {config.data.name} takes "
-                      f"{', '.join(f'data.options.{k}' for k in takes) or 'no options'}")
-  kwargs = {k: v for k, v in options.items() if k in spec.options}
-  data_dir = config.data.data_dir or None
-  train = get_dataset(config.data.name, "train", data_dir=data_dir, **kwargs)
-  val = get_dataset(config.data.name, config.data.val_split, data_dir=data_dir, **kwargs)
-  first = config.data.get("num_train_examples") or 0
-  if first < 0:
-    raise JaxsegError(f"--config.data.num_train_examples={first} must be at least 0 (0: the "
-                      "whole split)")
-  if first:
-    train = sources.Subset(train, first)
-  if config.data.get("extra_train_dir"):
-    extra = generated.GeneratedPairs(config.data.extra_train_dir)
-    fraction = config.data.get("extra_train_fraction") or 0.0
-    train = (sources.Mixture(train, extra, fraction) if fraction
-             else sources.ConcatSource([train, extra]))
-  return train, val
-
-
-def make_data(config, workdir: str, local_batch: int) -> Data:
-  """Dataset defaults (data.DATASETS) overridden by the data.* config keys."""
-  spec = dataset_spec(config.data.name)
-  train, val = make_sources(config)
-  ignore = train.ignore_index
-  crop = _pair(config.data.crop_size, "crop_size") or spec.crop_size
-  scales = _pair(config.data.scale_range, "scale_range", float) or spec.scale_range
-  window = _pair(config.data.eval_window, "eval_window") or spec.eval_window
-  window = None if window == (0, 0) else window  # (0, 0): whole images
-  eval_size = _pair(config.data.eval_size, "eval_size") or spec.eval_size
-  for key, value in (("crop_size", crop), ("eval_window", window), ("eval_size", eval_size)):
-    if value is not None and min(value) < 1:
-      raise JaxsegError(f"--config.data.{key}={value} must be positive"
-                        + (" (or (0, 0) for whole images)" if key == "eval_window" else ""))
-  skip_log = os.path.join(workdir, "skipped_examples.jsonl")
-  operations = [pipeline.DropBadExamples(skip_log)]
-  if crop is not None:
-    operations.append(transforms.Augment(crop, scales[0], scales[1], flip=config.data.flip,
-                                         ignore_index=ignore,
-                                         **({} if config.data.photometric else
-                                            dict(brightness=0, contrast=0, saturation=0,
-                                                 hue=0))))
-  # After the crop: the same check on a fraction of the pixels (resampling is nearest, so it
-  # cannot create label values, and a bad value outside every crop never reaches a step).
-  operations.append(pipeline.ValidateLabels(train.num_classes, ignore, repr(train)))
-  loader = pipeline.train_loader(train, batch_size=local_batch, seed=config.train.seed,
-                                 operations=operations, worker_count=config.data.worker_count)
-  image_shape = (*crop, 3) if crop else tuple(np.asarray(train[0]["image"]).shape)
-  eval_operations = (transforms.PadTo(eval_size, ignore),) if eval_size else ()
-  return Data(train, val, loader, image_shape, window, eval_operations, skip_log)
+def step_figures(step_stats, earlier) -> dict:
+  """The train step's FLOPs and peak memory per device (XLA's figures, jaxseg.train.xla_stats)
+  from this run's compilation or, if it compiled none, the ones saved with the checkpoint."""
+  if step_stats is None:
+    return {k: earlier.get(k) for k in ("train_step_flops", "train_step_peak_bytes")}
+  return {"train_step_flops": step_stats["flops"],
+          "train_step_peak_bytes": step_stats["peak_bytes"]}
 
 
 def save_config(config, workdir: str) -> None:
@@ -320,6 +216,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   data = make_data(config, workdir, local_batch)
   save_config(config, workdir)
+  runs.save_classes(workdir, data.train, config.data.name)
   train_source, val_source = data.train, data.val
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
   validate = pipeline.ValidateLabels(num_classes, ignore, repr(train_source))
@@ -372,10 +269,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   def run_eval(step):
     nonlocal eval_seconds
     t = time.perf_counter()
-    confusion, kept = evaluate(eval_step, state, val_source, mesh, eval_batch, num_classes,
-                               validate, config.train.num_eval_examples or None,
-                               keep=config.train.num_prediction_images,
-                               operations=data.eval_operations, skip_log=data.skip_log)
+    confusion, kept = confusion_over(eval_step, state, val_source, mesh, eval_batch,
+                                     num_classes, validate,
+                                     config.train.num_eval_examples or None,
+                                     keep=config.train.num_prediction_images,
+                                     operations=data.eval_operations, skip_log=data.skip_log)
     summary = metrics.summarize(confusion)
     eval_seconds += time.perf_counter() - t
     writer.write(step, {**train_rows.pop(step, {}),
@@ -387,14 +285,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Run bookkeeping saved with each checkpoint, so that a resumed run reports totals."""
     elapsed = time.perf_counter() - t_start - eval_seconds
     record = {"train_seconds": earlier.get("train_seconds", 0.0) + elapsed,
-              "images_per_second": earlier.get("images_per_second", 0.0)}
+              "images_per_second": earlier.get("images_per_second", 0.0),
+              **step_figures(step_stats, earlier)}
     if step - start > 1 and compile_seconds is not None:
       record["images_per_second"] = (step - start - 1) * config.train.batch_size / max(
           elapsed - compile_seconds, 1e-9)
     return record
 
   progress = Progress(steps, start, config.train.batch_size)
-  t_start, compile_seconds, pending = time.perf_counter(), None, None
+  t_start, compile_seconds, pending, step_stats = time.perf_counter(), None, None, None
 
   def drain(step, out):
     """Host-side bookkeeping of a finished step (one step behind: no device sync stall)."""
@@ -422,7 +321,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   try:
     for step in range(start + 1, steps + 1):
-      state, out = train_step(state, next(data_iter))
+      batch = next(data_iter)
+      if step_stats is None:  # compiled here once, for its FLOPs and memory as well
+        train_step, step_stats = xla_stats.compile_with_stats(train_step, state, batch)
+      state, out = train_step(state, batch)
       if pending is not None:
         drain(*pending)
       pending = (step, out)
@@ -472,6 +374,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "num_params": num_params, "dtype": jnp.dtype(dtype).name,
       "devices": mesh.devices.size, "platform": jax.default_backend(),
       "global_batch_size": config.train.batch_size,
+      **step_figures(step_stats, earlier),
       "nonfinite_steps": int(jax.device_get(state.nonfinite_total)),
       # Bad examples left out (data.skip_bad_examples): found while listing the dataset, and
       # met while reading it (listed in skipped_examples.jsonl).

@@ -6,10 +6,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxseg import metrics
+from jaxseg.inference import sliding_logits
 
 
 def _select(ok, new, old):
@@ -76,43 +76,6 @@ def make_train_step(loss_fn: Callable, preprocess: Callable, schedule: optax.Sch
     return apply_update(state, loss, grads, batch_stats, rng, schedule, components)
 
   return train_step
-
-
-def window_starts(size: int, window: int, overlap: float = 1 / 3) -> list[int]:
-  """Start offsets of windows covering [0, size) with about `overlap` overlap; the last window
-  ends at the edge (mmsegmentation's 'slide' inference)."""
-  if window >= size:
-    return [0]
-  stride = max(1, int(window * (1 - overlap)))
-  starts = list(range(0, size - window, stride))
-  return starts + [size - window]
-
-
-def sliding_logits(apply: Callable, images, window: tuple[int, int], num_classes: int):
-  """Average of the float32 logits of overlapping `window` crops; every pixel is covered.
-
-  The windows run one after another in a `fori_loop` that adds each window's logits into the
-  full-size sum: one traced copy of the model (compile time does not grow with the window
-  count) and one window's activations and logits live at a time.
-  """
-  b, h, w, c = images.shape
-  wh, ww = min(window[0], h), min(window[1], w)
-  boxes = [(y, x) for y in window_starts(h, wh) for x in window_starts(w, ww)]
-  starts = jnp.asarray(boxes, jnp.int32)
-  count = np.zeros((h, w), np.float32)
-  for y, x in boxes:
-    count[y:y + wh, x:x + ww] += 1
-
-  def add_window(i, total):
-    y, x = starts[i, 0], starts[i, 1]
-    crop = jax.lax.dynamic_slice(images, (0, y, x, 0), (b, wh, ww, c))
-    logits = apply(crop).astype(jnp.float32)
-    here = jax.lax.dynamic_slice(total, (0, y, x, 0), (b, wh, ww, num_classes))
-    return jax.lax.dynamic_update_slice(total, here + logits, (0, y, x, 0))
-
-  total = jax.lax.fori_loop(0, len(boxes), add_window,
-                            jnp.zeros((b, h, w, num_classes), jnp.float32))
-  return total / count[None, :, :, None]
 
 
 def make_eval_step(preprocess: Callable, num_classes: int, ignore_index: int = 255,

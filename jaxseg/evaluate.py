@@ -1,0 +1,321 @@
+"""Evaluating trained runs and ensembles of them on a dataset split (mmsegmentation's test).
+
+    run = jaxseg.train.runs.load_run("runs/deeplab_resnet101_camvid")
+    result = evaluate(run, source, tta=DEFAULT_TTA, window=(360, 480))
+    write_report("runs/deeplab_resnet101_camvid", result, run.classes)
+
+A model here is anything with `num_classes`, `classes` and `probabilities(images uint8
+(B, H, W, 3), tta, window) -> float32 (B, H, W, K)`: a CNN run, a superpixel GNN run, or an
+`Ensemble` of them. Scores come from one confusion matrix summed over the split
+(`jaxseg.metrics`), so they equal the training loop's evaluation of the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from jaxseg import metrics, visualize
+from jaxseg.data import pipeline
+from jaxseg.errors import JaxsegError
+from jaxseg.inference import NO_TTA, TTA
+from jaxseg.train import sharding
+
+
+class Ensemble:
+  """The weighted mean of several runs' class probabilities (different models or seeds).
+
+  Weights are normalised to sum to one; every member must predict the same classes.
+  """
+
+  def __init__(self, members: Sequence[Any], weights: Sequence[float] | None = None):
+    if not members:
+      raise JaxsegError("an ensemble needs at least one run")
+    weights = [1.0] * len(members) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(members):
+      raise JaxsegError(f"--weights: {len(weights)} weights for {len(members)} runs")
+    if min(weights) < 0 or sum(weights) <= 0:
+      raise JaxsegError(f"--weights={','.join(map(str, weights))} must be non-negative with a "
+                        "positive sum")
+    first = members[0]
+    for m in members[1:]:
+      if m.classes.names != first.classes.names:
+        raise JaxsegError(f"--workdir={m.workdir} predicts {len(m.classes.names)} classes "
+                          f"({', '.join(m.classes.names[:4])}, ...) but --workdir="
+                          f"{first.workdir} predicts {len(first.classes.names)} "
+                          f"({', '.join(first.classes.names[:4])}, ...); an ensemble needs "
+                          "the same classes")
+    self.members = list(members)
+    self.weights = [w / sum(weights) for w in weights]
+    self.num_classes, self.classes = first.num_classes, first.classes
+    self.workdir = ""
+
+  @property
+  def name(self) -> str:
+    return "ensemble(" + ", ".join(m.name for m in self.members) + ")"
+
+  def probabilities(self, images, tta: TTA = NO_TTA, window=None):
+    total = 0.0
+    for member, weight in zip(self.members, self.weights):
+      if weight:
+        total = total + weight * member.probabilities(images, tta=tta, window=window)
+    return total
+
+  def forward_flops(self, image_shape) -> float | None:
+    flops = [m.forward_flops(image_shape) for m, w in zip(self.members, self.weights) if w]
+    return None if any(f is None for f in flops) else float(sum(flops))
+
+
+@dataclasses.dataclass
+class Result:
+  """Scores of a split (jaxseg.metrics.summarize keys), its confusion matrix, the settings, and
+  a few (image, label, prediction) rows spread over the split."""
+  summary: dict
+  confusion: np.ndarray
+  settings: dict
+  kept: dict
+
+
+def _confusion_fn(num_classes: int, ignore_index: int):
+  @jax.jit
+  def count(probabilities, labels, mask):
+    predictions = jnp.argmax(probabilities, axis=-1)
+    mask = jnp.broadcast_to(mask[:, None, None], labels.shape)
+    cm = metrics.confusion_matrix(labels, predictions, num_classes, ignore_index, mask=mask)
+    return cm, predictions.astype(jnp.uint8)
+  return count
+
+
+def confusion_over(eval_step, state, source, mesh, batch_size, num_classes, validate,
+                   num_examples=None, keep=0, operations=(), skip_log=None, desc=None):
+  """Confusion matrix over the split (summed in int64) and `keep` predictions spread evenly
+  over this process's examples (consecutive video frames would show one scene `keep` times).
+
+  `eval_step(state, batch) -> (int confusion (K, K), predictions (B, H, W))` sees global
+  batches of `batch_size` sharded over `mesh`; `desc` shows a progress bar.
+  """
+  confusion = np.zeros((num_classes, num_classes), np.int64)
+  kept = {"image": [], "label": [], "prediction": []}
+  local = batch_size // jax.process_count()
+  n = len(source) if num_examples is None else min(num_examples, len(source))
+  mine = range(jax.process_index(), n, jax.process_count())  # eval_batches' share
+  wanted = {mine[i * len(mine) // keep] for i in range(keep)} if keep and len(mine) else set()
+  bar = tqdm.tqdm(total=len(mine), desc=desc, unit="image", dynamic_ncols=True,
+                  mininterval=1.0, disable=desc is None or jax.process_index() != 0)
+  for batch in pipeline.eval_batches(source, local, num_examples, validate,
+                                     jax.process_index(), jax.process_count(), operations,
+                                     skip_log):
+    index = batch.pop("index")
+    cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
+    confusion += np.asarray(jax.device_get(cm), np.int64)
+    bar.update(int((index >= 0).sum()))
+    rows = [i for i in range(local) if index[i] in wanted]
+    if rows and len(kept["image"]) < keep:
+      # This process's rows only: the global array spans every host's batch.
+      shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
+      predictions = np.concatenate([np.asarray(s.data) for s in shards])
+      for i in rows[:keep - len(kept["image"])]:
+        kept["image"].append(batch["image"][i])
+        kept["label"].append(batch["label"][i])
+        kept["prediction"].append(predictions[i])
+  bar.close()
+  return confusion, kept
+
+
+def evaluate(model, source, *, batch_size: int = 8, tta: TTA = NO_TTA,
+             window: tuple[int, int] | None = None, num_examples: int | None = None,
+             operations: Sequence = (), keep: int = 6, desc: str | None = "evaluate",
+             mesh=None) -> Result:
+  """Scores `model` on `source` (every example once, data parallel over `mesh`)."""
+  if source.num_classes != model.num_classes or tuple(source.class_names) != model.classes.names:
+    raise JaxsegError(f"{source!r} has classes ({', '.join(source.class_names[:4])}, ...; "
+                      f"{source.num_classes}) but the model predicts "
+                      f"({', '.join(model.classes.names[:4])}, ...; {model.num_classes})")
+  mesh = mesh or sharding.make_mesh()
+  batch_size = sharding.check_batch_size(batch_size, mesh, "batch_size") * mesh.devices.size
+  count = _confusion_fn(model.num_classes, source.ignore_index)
+
+  def eval_step(_, batch):
+    probabilities = model.probabilities(batch["image"], tta=tta, window=window)
+    return count(probabilities, batch["label"], batch["mask"])
+
+  validate = pipeline.ValidateLabels(source.num_classes, source.ignore_index, repr(source))
+  t = time.perf_counter()
+  confusion, kept = confusion_over(eval_step, None, source, mesh, batch_size,
+                                   model.num_classes, validate, num_examples, keep,
+                                   operations, desc=desc)
+  seconds = time.perf_counter() - t
+  n = len(source) if num_examples is None else min(num_examples, len(source))
+  settings = {"model": model.name, "tta": tta.describe(), "scales": list(tta.scales),
+              "flip": tta.flip, "window": list(window) if window else None,
+              "dataset": repr(source), "examples": n, "seconds": round(seconds, 2),
+              "step": getattr(model, "step", None)}
+  if isinstance(model, Ensemble):
+    settings["members"] = [{"workdir": m.workdir, "model": m.name, "weight": w}
+                           for m, w in zip(model.members, model.weights)]
+  return Result(metrics.summarize(confusion), confusion, settings, kept)
+
+
+def write_report(out_dir: str, result: Result, classes, *, title: str | None = None) -> dict:
+  """OUT/eval.json (scores, per-class table, settings, confusion matrix), confusion.png and
+  eval_predictions.png; returns what eval.json holds."""
+  os.makedirs(out_dir, exist_ok=True)
+  s = result.summary
+  report = {**{k: s[k] for k in ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy",
+                                 "mean_precision", "mean_recall", "num_pixels")},
+            "per_class": {name: {"iou": s["per_class_iou"][k], "dice": s["per_class_dice"][k],
+                                 "precision": s["precision"][k], "recall": s["recall"][k]}
+                          for k, name in enumerate(classes.names)},
+            **result.settings, "confusion": result.confusion.tolist()}
+  if jax.process_index() != 0:
+    return report
+  tmp = os.path.join(out_dir, "eval.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, "eval.json"))
+  title = title or f"{result.settings['model']} (mIoU {_fmt(s['miou'])})"
+  visualize.confusion_heatmap(os.path.join(out_dir, "confusion.png"), result.confusion,
+                              classes.names, title=title)
+  if result.kept["image"]:
+    visualize.prediction_grid(os.path.join(out_dir, "eval_predictions.png"),
+                              np.stack(result.kept["image"]), np.stack(result.kept["label"]),
+                              np.stack(result.kept["prediction"]), classes.names,
+                              classes.palette, ignore_index=classes.ignore_index, title=title)
+  return report
+
+
+def _fmt(value) -> str:
+  return "n/a" if value is None else f"{value:.3f}"
+
+
+def throughput(model, image_shape, *, batch_size: int = 8, repeats: int = 3,
+               tta: TTA = NO_TTA, window=None) -> float:
+  """Images per second of `model.probabilities` on batches of random images of `image_shape`
+  (H, W, 3), after one untimed (compiling) batch; the median of `repeats` timed batches."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8)
+  jax.block_until_ready(model.probabilities(images, tta=tta, window=window))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(model.probabilities(images, tta=tta, window=window))
+    times.append(time.perf_counter() - t)
+  return batch_size / float(np.median(times))
+
+
+def load_model(workdirs: Sequence[str], weights: Sequence[float] | None = None):
+  """One run, or the ensemble of several (equal weights unless given)."""
+  from jaxseg.train.runs import load_run  # pylint: disable=g-import-not-at-top
+  runs = [load_run(w) for w in workdirs]
+  if len(runs) == 1 and weights is None:
+    return runs[0]
+  return Ensemble(runs, weights)
+
+
+def eval_source(config, *, dataset: str | None = None, data_dir: str | None = None,
+                split: str | None = None):
+  """(source, sliding window, eval operations) of a run's config, with its dataset replaced
+  by `dataset`/`data_dir` when given (that dataset's own reader options and defaults)."""
+  from jaxseg.data import from_config  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  if dataset and dataset != config.data.name:
+    config.data.name = dataset
+    for key in config.data.options:
+      config.data.options[key] = None
+    for key in ("eval_window", "eval_size"):
+      if key in config.data:
+        config.data[key] = None
+  if data_dir:
+    config.data.data_dir = data_dir
+  source = from_config.make_source(config, split or config.data.val_split)
+  window, operations = from_config.eval_settings(config, source.ignore_index)
+  return source, window, operations
+
+
+def parse_window(value: str | None, flag: str = "window") -> tuple[int, int] | None | str:
+  """'HxW' -> (h, w); '0' or 'whole' -> None (whole images); '' or None -> 'default'."""
+  if not value:
+    return "default"
+  if value in ("0", "whole"):
+    return None
+  try:
+    h, w = (int(v) for v in value.lower().split("x"))
+  except ValueError:
+    raise JaxsegError(f"--{flag}={value!r}: expected HxW (e.g. 512x1024), or 0 for whole "
+                      "images") from None
+  if min(h, w) < 1:
+    raise JaxsegError(f"--{flag}={value!r}: the window must be at least 1x1")
+  return h, w
+
+
+def run_evaluation(workdirs: Sequence[str], *, weights=None, out_dir: str | None = None,
+                   dataset: str | None = None, data_dir: str | None = None,
+                   split: str | None = None, tta: TTA = NO_TTA, window="default",
+                   batch_size: int = 8, num_examples: int | None = None,
+                   keep: int = 6) -> tuple[Result, dict]:
+  """Evaluates one run or an ensemble on a split and writes OUT/eval.json and pictures (OUT
+  defaults to the run's own workdir); returns the result and eval.json's content."""
+  if not workdirs:
+    raise JaxsegError("--workdir: give at least one run directory")
+  if out_dir is None:
+    if len(workdirs) > 1:
+      raise JaxsegError("--out: an ensemble of several runs needs an output directory")
+    out_dir = workdirs[0]
+  model = load_model(workdirs, weights)
+  first = model.members[0] if isinstance(model, Ensemble) else model
+  source, default_window, operations = eval_source(first.config, dataset=dataset,
+                                                   data_dir=data_dir, split=split)
+  window = default_window if window == "default" else window
+  result = evaluate(model, source, batch_size=batch_size, tta=tta, window=window,
+                    num_examples=num_examples, operations=operations, keep=keep)
+  where = f"{dataset or first.config.data.name} {split or first.config.data.val_split}"
+  return result, write_report(
+      out_dir, result, model.classes,
+      title=f"{model.name}, {where}: mIoU {_fmt(result.summary['miou'])}"
+            f"{' (TTA)' if tta.num_views > 1 else ''}")
+
+
+def export_predictions(model, paths: Sequence[str], *, out_dir: str | None = None,
+                       tta: TTA = NO_TTA, window: tuple[int, int] | None = None,
+                       alpha: float = 0.5) -> list[str]:
+  """For each image file NAME.ext writes, next to it (or into `out_dir`): NAME_labels.png
+  (raw class ids, 8-bit grey), NAME_mask.png (the classes in the palette's colours) and
+  NAME_overlay.png (the mask blended over the image). Returns the paths written."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from jaxseg.data.files import BadExample, read_image  # pylint: disable=g-import-not-at-top
+  if not paths:
+    raise JaxsegError("no images given: python -m experiments.predict --workdir=RUN IMAGE...")
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise JaxsegError(f"{missing[0]}: no such image file")
+  if model.num_classes > 256:
+    raise JaxsegError(f"{model.num_classes} classes do not fit an 8-bit label PNG")
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+  written = []
+  palette = model.classes.palette
+  for path in tqdm.tqdm(paths, desc="predict", unit="image", dynamic_ncols=True,
+                        disable=len(paths) < 2):
+    try:
+      image = read_image(path)
+    except BadExample as e:
+      raise JaxsegError(str(e)) from None
+    labels = np.asarray(jnp.argmax(model.probabilities(image[None], tta=tta, window=window)[0],
+                                   -1), np.uint8)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    base = os.path.join(out_dir or os.path.dirname(os.path.abspath(path)), stem)
+    outputs = {"labels": labels, "mask": visualize.colorize(labels, palette),
+               "overlay": visualize.overlay(image, labels, palette, alpha=alpha)}
+    for kind, array in outputs.items():
+      target = f"{base}_{kind}.png"
+      Image.fromarray(array).save(target)
+      written.append(target)
+  return written
