@@ -234,7 +234,7 @@ def eval_source(config, *, dataset: str | None = None, data_dir: str | None = No
       if key in config.data:
         config.data[key] = None
   if data_dir:
-    config.data.data_dir = data_dir
+    config.data.data_dir = str(data_dir)
   source = from_config.make_source(config, split or config.data.val_split)
   window, operations = from_config.eval_settings(config, source.ignore_index)
   return source, window, operations

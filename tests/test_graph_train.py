@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import superpixel_gnn as gnn_config
-from jaxseg import metrics
+from jaxseg import evaluate, metrics
 from jaxseg.data import from_config, graph_data, superpixels as sp
 from jaxseg.train import graph, optim, sharding
 from jaxseg.train.state import TrainState
@@ -173,9 +173,17 @@ def test_hybrid_adds_the_cnn_probabilities_to_the_node_features(tmp_path):
                   for i in range(cnn.train.num_eval_examples))
   assert metrics.summarize(confusion)["miou"] == pytest.approx(cnn_summary["miou"], abs=1e-6)
 
-  summary = graph.train_and_evaluate(
-      _config(2, hybrid__cnn_workdir=str(tmp_path / "cnn")), str(tmp_path / "gnn"))
+  gnn = _config(2, hybrid__cnn_workdir=str(tmp_path / "cnn"))
+  summary = graph.train_and_evaluate(gnn, str(tmp_path / "gnn"))
   assert summary["hybrid"]["model"] == "deeplabv3plus/tiny_resnet"
+  # Restored as a pixel classifier (its CNN too), the GNN paints the same pixels as the
+  # training loop's node-histogram evaluation.
+  restored = runs.load_run(str(tmp_path / "gnn"))
+  assert restored.cnn is not None and restored.step == 2
+  result = evaluate.evaluate(restored, from_config.make_sources(gnn)[1], num_examples=8,
+                             desc=None)
+  assert result.summary["miou"] == summary["miou"]
+  assert result.summary["pixel_accuracy"] == summary["pixel_accuracy"]
   assert 0 <= summary["hybrid"]["superpixel_vote_miou"] <= 1
   with np.load(tmp_path / "gnn" / "graphs" / "val.npz") as cache:
     assert cache["nodes"].shape[1] == sp.NODE_FEATURES + run.num_classes

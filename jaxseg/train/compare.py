@@ -76,8 +76,9 @@ def configure(config, *, models=None, budget: str | None = None) -> ml_collectio
   if models:
     config.compare.models = ",".join(models)
   config = resolved(config)
+  names = selected(config)
   if budget:  # epochs need the size of the (preset's) train split
-    train, _ = from_config.make_sources(model_config(config, selected(config)[0]))
+    train, _ = from_config.make_sources(model_config(config, names[0]))
     config.train.steps = parse_budget(budget, len(train), config.train.batch_size)
   return config
 
@@ -199,27 +200,29 @@ def run(config, workdir: str) -> dict[str, Any]:
   bar = tqdm.tqdm(total=stages, desc="compare", unit="model", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   rows, loaded = [], {}
-  for name in names:
-    bar.set_postfix_str(f"{name}: training / measuring")
-    cfg = model_config(config, name)
-    directory = os.path.join(workdir, name)
-    summary = train(cfg, directory)
+  try:
+    for name in names:
+      bar.set_postfix_str(f"{name}: training / measuring")
+      cfg = model_config(config, name)
+      directory = os.path.join(workdir, name)
+      summary = train(cfg, directory)
 
-    def compute(directory=directory):
-      loaded[directory] = runs.load_run(directory)
-      return measure(loaded[directory], image_shape, config.profile)
+      def compute(directory=directory):
+        loaded[directory] = runs.load_run(directory)
+        return measure(loaded[directory], image_shape, config.profile)
 
-    measured = _cached(os.path.join(directory, "profile.json"),
-                       {"steps": summary["steps"], "image_shape": list(image_shape),
-                        "batch_size": config.profile.batch_size}, compute)
-    rows.append(_row(name, summary, measured, epoch_images))
-    bar.update()
-  if members:
-    bar.set_postfix_str(f"ensemble of {len(members)}")
-    rows.append(_ensemble_row(config, workdir, members, weights, rows, loaded, val_source,
-                              image_shape))
-    bar.update()
-  bar.close()
+      measured = _cached(os.path.join(directory, "profile.json"),
+                         {"steps": summary["steps"], "image_shape": list(image_shape),
+                          "batch_size": config.profile.batch_size}, compute)
+      rows.append(_row(name, summary, measured, epoch_images))
+      bar.update()
+    if members:
+      bar.set_postfix_str(f"ensemble of {len(members)}")
+      rows.append(_ensemble_row(config, workdir, members, weights, rows, loaded, val_source,
+                                image_shape))
+      bar.update()
+  finally:  # before any error message, not at exit
+    bar.close()
   result = {"dataset": config.data.name, "data_dir": config.data.data_dir,
             "budget_steps": budget, "global_batch_size": config.train.batch_size,
             "train_examples": epoch_images,
