@@ -79,6 +79,53 @@ class DataFlags:
       config.data.data_dir = self.data_dir.value
 
 
+class ModelFlags:
+  """--workdir (one run, or several for an ensemble), --weights and the test mode (--tta,
+  --scales, --flip, --window): what experiments.evaluate and experiments.predict share."""
+
+  def __init__(self):
+    main = {"module_name": sys.argv[0]}
+    self._workdir = flags.DEFINE_list(
+        "workdir", None, "Run directory, or several (comma-separated) for an ensemble.",
+        required=True, **main)
+    self._weights = flags.DEFINE_list("weights", None, "Ensemble weights, one per run "
+                                      "(default equal).", **main)
+    self._tta = flags.DEFINE_bool("tta", False, "Test-time augmentation: scales 0.5-1.75 and "
+                                  "horizontal flips.", **main)
+    self._scales = flags.DEFINE_list("scales", None, "Test-time scales, e.g. 0.75,1,1.25.",
+                                     **main)
+    self._flip = flags.DEFINE_bool("flip", None, "Add mirrored views (default: with --tta).",
+                                   **main)
+    self._window = flags.DEFINE_string("window", None, "Sliding window HxW, or 0 for whole "
+                                       "images (default: the dataset's evaluation setting).",
+                                       **main)
+
+  @property
+  def workdirs(self) -> list[str]:
+    return self._workdir.value
+
+  def weights(self) -> list[float] | None:
+    return _numbers(self._weights.value, "weights") if self._weights.value else None
+
+  def tta(self):
+    from jaxseg.inference import DEFAULT_TTA, TTA  # pylint: disable=g-import-not-at-top
+    tta = DEFAULT_TTA if self._tta.value else TTA()
+    scales = _numbers(self._scales.value, "scales") if self._scales.value else tta.scales
+    return TTA(tuple(scales), tta.flip if self._flip.value is None else self._flip.value)
+
+  def window(self):
+    """(h, w), None (whole images) or "default" (the run's dataset's setting)."""
+    from jaxseg import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.parse_window(self._window.value)
+
+
+def _numbers(values: Sequence[str], flag: str) -> list[float]:
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    raise JaxsegError(f"--{flag}={','.join(values)}: expected numbers") from None
+
+
 def report(summary: dict, workdir: str, pictures: Sequence[str] = ("predictions.png",)) -> None:
   """The one-line JSON result and where the outputs are."""
   keys = ("miou", "pixel_accuracy", "mean_dice", "steps", "train_seconds", "images_per_second")

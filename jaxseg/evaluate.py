@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 
 from jaxseg import metrics, visualize
-from jaxseg.data import pipeline
+from jaxseg.data import from_config, pipeline
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import NO_TTA, TTA
 from jaxseg.train import sharding
@@ -140,7 +140,10 @@ def evaluate(model, source, *, batch_size: int = 8, tta: TTA = NO_TTA,
                       f"{source.num_classes}) but the model predicts "
                       f"({', '.join(model.classes.names[:4])}, ...; {model.num_classes})")
   mesh = mesh or sharding.make_mesh()
-  batch_size = sharding.check_batch_size(batch_size, mesh, "batch_size") * mesh.devices.size
+  n = mesh.devices.size
+  if batch_size < 1 or batch_size % n:
+    raise JaxsegError(f"--batch_size={batch_size} is not a positive multiple of the {n} "
+                      f"devices of the mesh (e.g. {max(n, batch_size // n * n)})")
   count = _confusion_fn(model.num_classes, source.ignore_index)
 
   def eval_step(_, batch):
@@ -224,7 +227,6 @@ def eval_source(config, *, dataset: str | None = None, data_dir: str | None = No
                 split: str | None = None):
   """(source, sliding window, eval operations) of a run's config, with its dataset replaced
   by `dataset`/`data_dir` when given (that dataset's own reader options and defaults)."""
-  from jaxseg.data import from_config  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   if dataset and dataset != config.data.name:
     config.data.name = dataset
@@ -284,11 +286,12 @@ def run_evaluation(workdirs: Sequence[str], *, weights=None, out_dir: str | None
 
 
 def export_predictions(model, paths: Sequence[str], *, out_dir: str | None = None,
-                       tta: TTA = NO_TTA, window: tuple[int, int] | None = None,
-                       alpha: float = 0.5) -> list[str]:
+                       tta: TTA = NO_TTA, window="default", alpha: float = 0.5) -> list[str]:
   """For each image file NAME.ext writes, next to it (or into `out_dir`): NAME_labels.png
   (raw class ids, 8-bit grey), NAME_mask.png (the classes in the palette's colours) and
-  NAME_overlay.png (the mask blended over the image). Returns the paths written."""
+  NAME_overlay.png (the mask blended over the image). Returns the paths written.
+
+  `window` "default" is the sliding window the run's dataset is evaluated with (or None)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from jaxseg.data.files import BadExample, read_image  # pylint: disable=g-import-not-at-top
   if not paths:
@@ -298,6 +301,9 @@ def export_predictions(model, paths: Sequence[str], *, out_dir: str | None = Non
     raise JaxsegError(f"{missing[0]}: no such image file")
   if model.num_classes > 256:
     raise JaxsegError(f"{model.num_classes} classes do not fit an 8-bit label PNG")
+  if window == "default":
+    first = model.members[0] if isinstance(model, Ensemble) else model
+    window = from_config.eval_settings(first.config, model.classes.ignore_index)[0]
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
   written = []

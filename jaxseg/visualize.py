@@ -150,6 +150,10 @@ def confusion_heatmap(path: str, confusion: np.ndarray, class_names: Sequence[st
   ax.set_xlabel("predicted class")
   ax.set_ylabel("true class")
   fig.colorbar(shown, ax=ax, shrink=0.8, label="share of the true class's pixels")
+  return _save(plt, fig, ax, path, title)
+
+
+def _save(plt, fig, ax, path: str, title: str | None) -> str:
   if title:
     ax.set_title(title)
   fig.tight_layout()
@@ -189,9 +193,4 @@ def grouped_bars(path: str, groups: Sequence[str], series: dict[str, Sequence[fl
     ax.set_ylim(*ylim)
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, ax, path, title)

@@ -137,3 +137,12 @@ def test_predict_writes_labels_masks_and_overlays(unet_run, tmp_path):
   bad.write_bytes(b"not an image")
   result = _cli("predict", f"--workdir={unet_run}", str(bad))
   assert result.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: not a readable image")
+
+
+def test_the_batch_must_split_over_the_devices(tiny_run):
+  workdir, _ = tiny_run
+  run = runs.load_run(workdir)
+  source = SyntheticShapes("val", image_size=32, num_examples=4)
+  with pytest.raises(JaxsegError, match=r"--batch_size=3 is not a positive multiple of the 8 "
+                                        r"devices of the mesh \(e.g. 8\)"):
+    evaluate.evaluate(run, source, batch_size=3)

@@ -109,13 +109,22 @@ def is_graph(cfg) -> bool:
   return cfg.model.name == "superpixel_gnn"
 
 
+def _same_config(cfg, workdir: str) -> bool:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f) == json.loads(cfg.to_json())
+
+
 def train(cfg, workdir: str) -> dict[str, Any]:
-  """The run's summary: read back when it was trained to the budget, else trained (resuming)."""
+  """The run's summary: read back when it was trained to the budget with this config, else
+  trained (resuming from its checkpoint, whose identity check refuses another model or data)."""
   path = os.path.join(workdir, "summary.json")
   if os.path.exists(path):
     with open(path) as f:
       summary = json.load(f)
-    if summary["steps"] == cfg.train.steps:
+    if summary["steps"] == cfg.train.steps and _same_config(cfg, workdir):
       return summary
     if summary["steps"] > cfg.train.steps:
       raise JaxsegError(f"{workdir} was trained for {summary['steps']} steps, more than the "

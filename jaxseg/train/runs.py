@@ -132,7 +132,9 @@ class GraphRun:
     self._apply = jax.jit(lambda params, graph: model.apply({"params": params}, graph,
                                                             train=False))
 
-  name = property(lambda self: "superpixel_gnn" + ("+" + self.cnn.name if self.cnn else ""))
+  @property
+  def name(self) -> str:
+    return "superpixel_gnn" + (f" (hybrid on {self.cnn.name})" if self.cnn else "")
 
   def _graphs(self, images: np.ndarray):
     from jaxseg.data import graph_data, superpixels as sp  # pylint: disable=g-import-not-at-top
