@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -154,8 +155,8 @@ def confusion_heatmap(path: str, confusion: np.ndarray, class_names: Sequence[st
 
 
 def _save(plt, fig, ax, path: str, title: str | None) -> str:
-  if title:
-    ax.set_title(title)
+  if title:  # wrapped to the figure's width (about 9 characters an inch at 10 points)
+    ax.set_title("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 9))), fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

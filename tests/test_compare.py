@@ -99,6 +99,14 @@ def test_compare_end_to_end_and_resumes_without_retraining(tmp_path):
   assert (tmp_path / "superpixel_gnn" / "profile.json").stat().st_mtime_ns == profile
   assert json.loads((tmp_path / "compare.json").read_text())["rows"] == table["rows"]
 
+  # Other data in the same workdir: refused in one line, the finished run left as it was.
+  changed = _compare(tmp_path, "--models=unet", "--config.data.seed=1")
+  assert changed.stderr.strip().splitlines()[-1].startswith(
+      f"error: {tmp_path / 'unet' / 'checkpoints'} (step 2) was written with another training "
+      "data (data.* settings)"), changed.stderr[-2000:]
+  assert (tmp_path / "unet" / "summary.json").stat().st_mtime_ns == trained
+  assert json.loads((tmp_path / "unet" / "config.json").read_text())["data"]["seed"] == 0
+
 
 def test_a_run_trained_past_the_budget_is_refused(tmp_path):
   (tmp_path / "unet").mkdir()
@@ -107,3 +115,4 @@ def test_a_run_trained_past_the_budget_is_refused(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       f"error: {tmp_path / 'unet'} was trained for 5 steps, more than the budget of 2; use "
       "another --workdir or --budget")
+

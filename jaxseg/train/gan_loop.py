@@ -149,7 +149,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   workdir = os.path.abspath(workdir)
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   setup = _setup(config, workdir)
-  save_config(config, workdir)
   mesh, data, gan, state = setup.mesh, setup.data, setup.gan, setup.state
   num_classes, background = data.train.num_classes, setup.background
   (h, w), state_sharding = setup.size, setup.state_sharding
@@ -191,6 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                size=config.data.prefetch)
   state, earlier, start = resume(ckpt, state, data_iter)
+  save_config(config, workdir)  # after the checkpoint check, as in segmentation.py
   steps = config.train.steps
   writer = MetricWriter(workdir, resume_step=start)
   progress = Progress(steps, start, config.train.batch_size)

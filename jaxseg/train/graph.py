@@ -243,8 +243,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if config.train.num_eval_examples:
     val_source = sources.Subset(val_source, config.train.num_eval_examples)
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
-  save_config(config, workdir)
-  runs.save_classes(workdir, train_source, config.data.name)
 
   superpixels = superpixels_of(config)
   model = make_model(config, num_classes, dtype)
@@ -295,6 +293,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
                       keep=config.train.keep_checkpoints)
   state, earlier, start = resume(ckpt, state)
+  save_config(config, workdir)  # after the checkpoint check, as in segmentation.py
+  runs.save_classes(workdir, train_source, config.data.name)
   logging.info("superpixel_gnn (%s), %d classes, %s params, %d devices, global batch %d; "
                "graphs: %d train, %d val, up to %d nodes and %d edges",
                config.model.layer, num_classes, f"{num_params:,}", mesh.devices.size,

@@ -215,8 +215,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       raise JaxsegError(f"--config.train.{key}={config.train[key]} must be at least 1")
 
   data = make_data(config, workdir, local_batch)
-  save_config(config, workdir)
-  runs.save_classes(workdir, data.train, config.data.name)
   train_source, val_source = data.train, data.val
   num_classes, ignore = train_source.num_classes, train_source.ignore_index
   validate = pipeline.ValidateLabels(num_classes, ignore, repr(train_source))
@@ -242,6 +240,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                size=config.data.prefetch)
   resumed = ckpt.latest_step() is not None
   state, earlier, start = resume(ckpt, state, data_iter)
+  # Only once the workdir's checkpoint (if any) is known to be this run's: a refused run
+  # leaves the config that its checkpoint belongs to.
+  save_config(config, workdir)
+  runs.save_classes(workdir, data.train, config.data.name)
   if not resumed and pretrained is not None:
     state = insert_pretrained(state, pretrained, state_sharding)
     logging.info("Backbone from %s: %s %s weights (%s preprocessing)", config.model.pretrained,
