@@ -180,7 +180,7 @@ def grouped_bars(path: str, groups: Sequence[str], series: dict[str, Sequence[fl
   values leave a gap; `errors` {series: (2, groups) below/above} draws error bars."""
   plt = _pyplot()
   k, n = len(groups), len(series)
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * k * n + 0.6 * k + 2), 3.8))
+  fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.1 * k * n + 0.5 * k + 2)), 3.8))
   width = 0.8 / max(n, 1)
   for j, (name, values) in enumerate(series.items()):
     values = np.array([np.nan if v is None else v for v in values], np.float64)

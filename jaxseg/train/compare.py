@@ -300,7 +300,7 @@ def _fmt(value, kind: str) -> str:
   if kind == "gflops":
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
   if kind == "rate":
-    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
   if kind == "bytes":
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
   raise ValueError(kind)
