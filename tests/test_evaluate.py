@@ -146,3 +146,20 @@ def test_the_batch_must_split_over_the_devices(tiny_run):
   with pytest.raises(JaxsegError, match=r"--batch_size=3 is not a positive multiple of the 8 "
                                         r"devices of the mesh \(e.g. 8\)"):
     evaluate.evaluate(run, source, batch_size=3)
+
+
+def test_readme_evaluation_example_runs(unet_run, tmp_path):
+  """The README's evaluation snippet, on this test's run instead of the runs it names."""
+  import re  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / "README.md").read_text()
+  code = next(b for b in re.findall(r"```python\n(.+?)```", readme, re.S) if "Ensemble" in b)
+  for name in ("runs/deeplab_resnet101_synthetic", "runs/unet_attention_synthetic"):
+    assert name in code
+    code = code.replace(name, str(unet_run))
+  code = code.replace("runs/my_ensemble", str(tmp_path / "ensemble"))
+  code = code.replace("window=(512, 1024)", "window=(16, 16)")
+  images = np.zeros((2, 32, 32, 3), np.uint8)
+  exec(compile(code, "README.md", "exec"), {"images_uint8": images})  # pylint: disable=exec-used
+  report = json.loads((tmp_path / "ensemble" / "eval.json").read_text())
+  assert report["tta"] == "scales 0.5, 0.75, 1, 1.25, 1.5, 1.75 + flip"
+  assert len(report["members"]) == 2
