@@ -198,13 +198,14 @@ def run(config, workdir: str) -> dict[str, Any]:
   config = resolved(config)
   names = selected(config)
   members, weights = _members(config, names)
-  first_cnn = next((n for n in names if not is_graph(config.models[n])), names[0])
-  train_source, val_source = from_config.make_sources(model_config(config, first_cnn))
+  first_cnn = model_config(config, next((n for n in names if not is_graph(config.models[n])),
+                                         names[0]))
+  train_source, val_source = from_config.make_sources(first_cnn)
   epoch_images = len(train_source)
   # The val image size the models are scored at (COCO's: the canvas every image is padded to).
+  window, operations = from_config.eval_settings(first_cnn, val_source.ignore_index)
   example = val_source[0]
-  for op in from_config.eval_settings(model_config(config, first_cnn),
-                                      val_source.ignore_index)[1]:
+  for op in operations:
     example = op.map(example)
   image_shape = tuple(np.asarray(example["image"]).shape)
   budget = config.train.steps
@@ -231,7 +232,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     if members:
       bar.set_postfix_str(f"ensemble of {len(members)}")
       rows.append(_ensemble_row(config, workdir, members, weights, rows, loaded, val_source,
-                                image_shape))
+                                (window, operations), image_shape))
       bar.update()
   finally:  # before any error message, not at exit
     bar.close()
@@ -247,7 +248,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   return result
 
 
-def _ensemble_row(config, workdir, members, weights, rows, loaded, val_source, image_shape):
+def _ensemble_row(config, workdir, members, weights, rows, loaded, val_source, eval_mode,
+                  image_shape):
   """The ensemble's scores on the val split (cached in WORKDIR/ensemble/eval.json) and
   figures: its members' training time, parameters and FLOPs add up; memory is the largest
   member's (each trains alone)."""
@@ -262,7 +264,7 @@ def _ensemble_row(config, workdir, members, weights, rows, loaded, val_source, i
 
   def compute():
     model = evaluate.Ensemble([loaded.get(d) or runs.load_run(d) for d in dirs], weights)
-    _, window, operations = evaluate.eval_source(model.members[0].config)
+    window, operations = eval_mode  # the members' shared data: the same val split and mode
     batch = config.train.eval_batch_size or config.train.batch_size
     result = evaluate.evaluate(model, val_source, batch_size=batch, window=window,
                                num_examples=config.train.num_eval_examples or None,
