@@ -184,7 +184,7 @@ def write_report(out_dir: str, result: Result, classes, *, title: str | None = N
   with open(tmp, "w") as f:
     json.dump(report, f, indent=1)
   os.replace(tmp, os.path.join(out_dir, "eval.json"))
-  title = title or f"{result.settings['model']} (mIoU {_fmt(s['miou'])})"
+  title = title or f"{result.settings['model']} (mIoU {metrics.fmt_score(s['miou'])})"
   visualize.confusion_heatmap(os.path.join(out_dir, "confusion.png"), result.confusion,
                               classes.names, title=title)
   if result.kept["image"]:
@@ -193,10 +193,6 @@ def write_report(out_dir: str, result: Result, classes, *, title: str | None = N
                               np.stack(result.kept["prediction"]), classes.names,
                               classes.palette, ignore_index=classes.ignore_index, title=title)
   return report
-
-
-def _fmt(value) -> str:
-  return "n/a" if value is None else f"{value:.3f}"
 
 
 def throughput(model, image_shape, *, batch_size: int = 8, repeats: int = 3,
@@ -281,7 +277,7 @@ def run_evaluation(workdirs: Sequence[str], *, weights=None, out_dir: str | None
   where = f"{dataset or first.config.data.name} {split or first.config.data.val_split}"
   return result, write_report(
       out_dir, result, model.classes,
-      title=f"{model.name}, {where}: mIoU {_fmt(result.summary['miou'])}"
+      title=f"{model.name}, {where}: mIoU {metrics.fmt_score(result.summary['miou'])}"
             f"{' (TTA)' if tta.num_views > 1 else ''}")
 
 

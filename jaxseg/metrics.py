@@ -117,6 +117,11 @@ def summarize(confusion) -> dict:
   }
 
 
+def fmt_score(value) -> str:
+  """A score for titles and logs; None (nothing to score) stays readable."""
+  return "n/a" if value is None else f"{value:.3f}"
+
+
 def class_table(summary: dict, class_names: Sequence[str]) -> str:
   """A fixed-width per-class table (IoU, Dice, precision, recall) for logs; '-' is undefined."""
   if len(class_names) != len(summary["per_class_iou"]):

@@ -33,7 +33,7 @@ from jaxseg.train import runs, sharding, xla_stats
 from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.data.from_config import make_sources
-from jaxseg.train.segmentation import (_fmt, compute_dtype, optimizer_from_config, save_config,
+from jaxseg.train.segmentation import (compute_dtype, optimizer_from_config, save_config,
                                        step_figures)
 from jaxseg.train.state import TrainState
 from jaxseg.train.steps import apply_update
@@ -358,7 +358,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           drain(*pending)
           pending = None
         summary, _ = run_eval(step)
-        progress.write(f"step {step}: val mIoU {_fmt(summary['miou'])}")
+        progress.write(f"step {step}: val mIoU {metrics.fmt_score(summary['miou'])}")
       if step % config.train.checkpoint_every == 0 or step == steps:
         if pending is not None:
           drain(*pending)
@@ -419,7 +419,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 f"superpixel GNN ({config.model.layer}"
                 f"{', hybrid on ' + hybrid['model'] if hybrid else ''}) on {config.data.name}: "
                 f"val mIoU "
-                f"{_fmt(summary['miou'])}, superpixel oracle {_fmt(oracle['miou'])}")
+                f"{metrics.fmt_score(summary['miou'])}, superpixel oracle {metrics.fmt_score(oracle['miou'])}")
     logging.info("Per-class results:\n%s", metrics.class_table(summary,
                                                                train_source.class_names))
   return result

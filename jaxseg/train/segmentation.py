@@ -156,11 +156,6 @@ def attention_figure(path: str, state, images, preprocess, title: str) -> str:
   return visualize.attention_grid(path, images, dict(sorted(attention.items())), title=title)
 
 
-def _fmt(value) -> str:
-  """A score for titles and logs; None (nothing to score) stays readable."""
-  return "n/a" if value is None else f"{value:.3f}"
-
-
 def jit_steps(config, mesh, state_sharding, schedule, num_classes, ignore_index,
               preprocess=None, eval_window=None):
   """The train and eval steps, compiled once for the mesh; the train state is donated.
@@ -339,7 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           drain(*pending)
           pending = None
         summary, _ = run_eval(step)
-        progress.write(f"step {step}: val mIoU {_fmt(summary['miou'])}")
+        progress.write(f"step {step}: val mIoU {metrics.fmt_score(summary['miou'])}")
     if pending is not None:
       drain(*pending)
     progress.close()
@@ -394,7 +389,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
           np.stack(kept["label"]), np.stack(kept["prediction"]),
           train_source.class_names, train_source.palette, ignore_index=ignore,
           title=f"{model_label} on {config.data.name} "
-                f"(val mIoU {_fmt(summary['miou'])})")
+                f"(val mIoU {metrics.fmt_score(summary['miou'])})")
     if kept["image"] and getattr(model, "attention", False):
       attention_figure(os.path.join(workdir, "attention.png"), state, np.stack(kept["image"]),
                        preprocess, f"{config.model.name} attention gates on {config.data.name}")
