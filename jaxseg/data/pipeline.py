@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
 import grain.python as grain
+import jax
 import numpy as np
 from absl import flags, logging
 
@@ -82,7 +85,9 @@ class ExitWithParent(grain.MapTransform):
   Grain's worker processes block forever on a full queue once the process that reads them is
   gone (killed by the scheduler, an OOM, a SIGKILL): they would pile up, holding memory and
   the terminal's pipes. Grain runs no user code at worker start, but it unpickles the
-  operations there, so `__setstate__` is the hook.
+  operations there, so `__setstate__` is the hook. Workers also ignore SIGTERM: a scheduler
+  sends it to the whole process group before preemption, and the training process keeps
+  reading batches up to the checkpoint it then saves (jaxseg.train.distributed.Preemption).
   """
 
   def __init__(self):
@@ -92,27 +97,133 @@ class ExitWithParent(grain.MapTransform):
     self.__dict__.update(state)
     if os.getpid() != self.parent:
       _exit_when_orphaned(self.parent)
+      try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+      except ValueError:  # not the worker's main thread: it keeps the default
+        pass
 
   def map(self, example):
     return example
 
 
+class GlobalBatchSampler:
+  """Grain sampler of this process's rows of the global batches one process would read.
+
+  Global batch s is positions s*G .. s*G+G-1 of one seeded record stream (a fresh shuffle
+  every epoch, grain.IndexSampler's), and process p reads its rows p*L .. p*L+L-1 (L = G/P):
+  the slice of the batch its devices hold in the mesh (`sharding.make_mesh` orders devices by
+  process). Grain batches inside each of W workers and takes their batches in turn, so local
+  index k of worker w = k % W is placed where that worker's j-th batch is global batch
+  j*W + w. The batches, and each record's augmentation (seeded by its stream position), are
+  then the same for any number of processes and workers: a run's metrics do not depend on
+  how it was laid out, and its data position is a function of the global batches consumed.
+  """
+
+  def __init__(self, num_records: int, global_batch_size: int, *, seed: int,
+               process_index: int = 0, process_count: int = 1, worker_count: int = 0,
+               num_epochs: int | None = None):
+    if global_batch_size % process_count:
+      raise JaxsegError(f"global batch {global_batch_size} does not split over "
+                        f"{process_count} processes")
+    self.num_records, self.global_batch_size, self.seed = num_records, global_batch_size, seed
+    self.process_index, self.process_count = process_index, process_count
+    self.worker_count, self.num_epochs = worker_count, num_epochs
+    self.local_batch_size = global_batch_size // process_count
+    self._stream = grain.IndexSampler(num_records=num_records, shuffle=True, seed=seed,
+                                      num_epochs=None, shard_options=grain.NoSharding())
+    self._len = sys.maxsize if num_epochs is None else self._finite_length(num_epochs)
+
+  def _finite_length(self, num_epochs: int) -> int:
+    """Local indices whose positions lie within `num_epochs` epochs (a prefix of them)."""
+    total, g, b = num_epochs * self.num_records, self.global_batch_size, self.local_batch_size
+    if self.worker_count > 1:  # whole rounds of worker batches
+      return total // g // self.worker_count * self.worker_count * b
+    rest = total - total // g * g
+    return total // g * b + min(max(rest - self.process_index * b, 0), b)
+
+  def with_layout(self, process_index: int, process_count: int,
+                  worker_count: int) -> "GlobalBatchSampler":
+    """This sampler as process `process_index` of `process_count` with `worker_count` grain
+    workers would have it (the same global batches)."""
+    return GlobalBatchSampler(self.num_records, self.global_batch_size, seed=self.seed,
+                              process_index=process_index, process_count=process_count,
+                              worker_count=worker_count, num_epochs=self.num_epochs)
+
+  def position(self, index: int) -> int:
+    """The stream position of local index `index`."""
+    workers = max(self.worker_count, 1)
+    worker, within = index % workers, index // workers
+    batch, row = divmod(within, self.local_batch_size)
+    global_batch = batch * workers + worker
+    return (global_batch * self.global_batch_size + self.process_index * self.local_batch_size
+            + row)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._len:
+      raise IndexError(f"sampler index {index} out of range [0, {self._len})")
+    record = self._stream[self.position(index)]
+    return grain.RecordMetadata(index=index, record_key=record.record_key, rng=record.rng)
+
+  def __repr__(self) -> str:
+    # Grain checks a resumed iterator against this; the process and worker layout are left
+    # out because a position carries over to another one (`iterator_state`).
+    return (f"GlobalBatchSampler(num_records={self.num_records}, global_batch_size="
+            f"{self.global_batch_size}, seed={self.seed}, num_epochs={self.num_epochs})")
+
+  def iterator_state(self, global_batches: int, template: dict) -> dict:
+    """The grain iterator state after `global_batches` batches, every record of them read
+    (none dropped as bad). `template` is a fresh iterator's state (version, source...).
+
+    Grain records, per worker, the last local index it handed out (worker w reads local
+    indices w, w + W, ...; without workers, one reader) and which worker handed out the last
+    batch; `DataLoader` iterators restore from exactly this.
+    """
+    workers, b = self.worker_count, self.local_batch_size
+    if workers == 0:
+      last_seen, last_worker = {"0": global_batches * b - 1}, -1
+    else:
+      last_seen = {}
+      for w in range(workers):
+        batches = max(0, -(-(global_batches - w) // workers))
+        last_seen[str(w)] = w + workers * (batches * b - 1)
+      last_worker = global_batches % workers - 1
+    return {**template, "last_seen_indices": last_seen, "last_worker_index": last_worker,
+            "worker_count": workers, "sampler": repr(self)}
+
+
+class TrainLoader(grain.DataLoader):
+  """grain.DataLoader that keeps its `GlobalBatchSampler` at hand (a resume on another process
+  layout rebuilds the data position from it)."""
+
+  def __init__(self, *, sampler: GlobalBatchSampler, **kwargs):
+    self.global_sampler = sampler
+    super().__init__(sampler=sampler, shard_options=grain.NoSharding(), **kwargs)
+
+
 def train_loader(source, *, batch_size: int, seed: int, operations: Sequence = (),
                  worker_count: int = 0, num_epochs: int | None = None,
-                 read_threads: int = 8) -> grain.DataLoader:
-  """Shuffled (per-epoch, seeded), process-sharded, batched loader with checkpointable state.
+                 read_threads: int = 8, process_index: int | None = None,
+                 process_count: int | None = None) -> TrainLoader:
+  """Shuffled (per-epoch, seeded), batched loader of this process's share, checkpointable.
 
-  `batch_size` is this process's share of the global batch. Iterating it gives a
-  `grain.PyGrainDatasetIterator` whose position is saved in the checkpoint.
+  `batch_size` is this process's share of the global batch (process_count x batch_size);
+  the global batches are the same for any number of processes and workers
+  (`GlobalBatchSampler`). Iterating gives a grain iterator whose position is saved in the
+  checkpoint. The process layout defaults to JAX's.
   """
   if worker_count and not flags.FLAGS.is_parsed():
     # Grain's workers read its absl flags; a library caller (a notebook, a test) has parsed
     # none, which would kill every worker.
     flags.FLAGS.mark_as_parsed()
-  sampler = grain.IndexSampler(
-      num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs,
-      shard_options=grain.ShardByJaxProcess(drop_remainder=True))
-  return grain.DataLoader(
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  sampler = GlobalBatchSampler(len(source), batch_size * process_count, seed=seed,
+                               process_index=process_index, process_count=process_count,
+                               worker_count=worker_count, num_epochs=num_epochs)
+  return TrainLoader(
       data_source=source, sampler=sampler,
       operations=[*([ExitWithParent()] if worker_count else []), *operations,
                   grain.Batch(batch_size, drop_remainder=True)],

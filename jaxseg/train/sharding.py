@@ -19,8 +19,13 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all devices (of all processes) along the data axis."""
+  """A 1-D mesh over all devices (of all processes) along the data axis.
+
+  Devices are ordered by process, so process p holds the p-th block of every global batch:
+  the rows its loader reads (`pipeline.GlobalBatchSampler`).
+  """
   devices = jax.devices() if devices is None else list(devices)
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   # Auto axes: shardings propagate through the model without explicit-sharding annotations.
   return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
