@@ -11,6 +11,19 @@ import jax
 from absl import app, flags, logging
 
 from jaxseg.errors import JaxsegError, first_line
+from jaxseg.train import distributed
+
+# Every entry point can be one process of a multi-host run (README: "Running on a Cloud TPU
+# pod / multi-GPU"). Without these, SLURM, Open MPI and Cloud TPU VMs are detected, and a
+# lone process runs as before.
+_MAIN = {"module_name": sys.argv[0]}
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, the same for every process of a "
+    "multi-process run (default: detected under SLURM, Open MPI and on Cloud TPU).", **_MAIN)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (one per "
+                                      "host), the same for every process.", **_MAIN)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, "
+                                   "num_processes).", **_MAIN)
 
 
 def _parse_flags(argv: Sequence[str]):
@@ -127,7 +140,9 @@ def _numbers(values: Sequence[str], flag: str) -> list[float]:
 
 
 def report(summary: dict, workdir: str, pictures: Sequence[str] = ("predictions.png",)) -> None:
-  """The one-line JSON result and where the outputs are."""
+  """The one-line JSON result and where the outputs are (process 0 reports)."""
+  if jax.process_index() != 0:
+    return
   keys = ("miou", "pixel_accuracy", "mean_dice", "steps", "train_seconds", "images_per_second")
   print(json.dumps({k: summary[k] for k in keys}))
   print(f"wrote {workdir}/summary.json, {', '.join(pictures)}, metrics.jsonl, checkpoints/")
@@ -146,16 +161,20 @@ def run(main: Callable[..., None], positional: bool = False) -> None:
     logging.get_absl_handler().addFilter(
         lambda r: r.levelno >= logging.converter.STANDARD_WARNING
         or not any(noisy in r.pathname for noisy in ("orbax", "xla_bridge")))
-    logging.info("JAX %s on %d %s device(s) (%d process(es)): %s", jax.__version__,
-                 jax.device_count(), jax.default_backend(), jax.process_count(),
-                 ", ".join(sorted({d.device_kind for d in jax.devices()})))
     try:
+      # Before anything touches a device: joining a run changes what jax.devices() lists.
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      logging.info("JAX %s on %d %s device(s) (%d process(es)): %s", jax.__version__,
+                   jax.device_count(), jax.default_backend(), jax.process_count(),
+                   ", ".join(sorted({d.device_kind for d in jax.devices()})))
       if positional:
         main(argv[1:])
       else:
         main()
     except (JaxsegError, FloatingPointError) as e:  # bad input, or training diverged
       sys.exit(f"error: {e}")
+    except distributed.Preempted as e:  # a checkpoint was saved: the scheduler may restart us
+      print(e)
 
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   app.run(_main, flags_parser=_parse_flags)

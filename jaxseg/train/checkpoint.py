@@ -10,6 +10,7 @@ complete step restores.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from typing import Any
@@ -22,6 +23,16 @@ from flax import traverse_util
 
 from jaxseg.errors import JaxsegError, first_line
 
+
+
+def workdir_path(workdir: str) -> str:
+  """The absolute path of a run directory. A URL (gs://...) is refused in one line: the run's
+  outputs are written with Python's file API, so a bucket is used through a mount."""
+  if re.match(r"^[a-z][a-z0-9+.-]*://", str(workdir)):
+    raise JaxsegError(f"--workdir={workdir}: URLs are not supported; mount the bucket on every "
+                      "host (e.g. gcsfuse --implicit-dirs BUCKET ~/gcs) and pass a path under "
+                      "the mount")
+  return os.path.abspath(workdir)
 
 
 def param_shapes(params) -> dict[str, list[int]]:
@@ -60,9 +71,13 @@ class Checkpointer:
   """Saves/restores {state, data iterator, identity} under `directory`, keeping the last `keep`."""
 
   def __init__(self, directory: str, identity: dict[str, Any], *, keep: int = 3,
-               async_save: bool = True):
+               async_save: bool = True, sampler=None):
+    """`sampler` (the training loader's `pipeline.GlobalBatchSampler`) lets a run resume on
+    another number of processes: each process saves its own iterator state, and the one
+    for a new layout is rebuilt from the global batches consumed."""
     self.directory = os.path.abspath(directory)
     self.identity = identity
+    self.sampler = sampler
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -116,24 +131,59 @@ class Checkpointer:
     self.check_identity(step)
     args = {"state": ocp.args.StandardRestore(abstract_state),
             "progress": ocp.args.JsonRestore()}
+    carried = None
     if data_iterator is not None:
-      args["data"] = grain.PyGrainCheckpointRestore(data_iterator)
+      carried = self._carried_position(step, data_iterator)
+      if carried is None:
+        args["data"] = grain.PyGrainCheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except (ValueError, KeyError, TypeError) as e:  # Orbax/grain mismatch: one line, no traceback
       first = first_line(e)
-      counts = re.findall(r"worker count in (checkpoint|dataloader): (\d+)", str(e))
-      if len(counts) == 2:
-        # Grain hands each worker every n-th record and batches within a worker, so the batch
-        # order depends on the worker count: the saved position means nothing under another.
-        saved, now = dict(counts)["checkpoint"], dict(counts)["dataloader"]
-        raise JaxsegError(
-            f"{self.directory} (step {step}) was written with --config.data.worker_count="
-            f"{saved} but this run has {now}; the batch order depends on it, so resume with "
-            f"--config.data.worker_count={saved}") from e
       raise JaxsegError(f"{self.directory} (step {step}) does not match this run: {first}; use "
                         f"the checkpoint's settings or another --workdir") from e
+    if carried is not None:
+      data_iterator.set_state(carried)
     return restored["state"], dict(restored["progress"] or {})
+
+  def _carried_position(self, step: int, data_iterator) -> bytes | None:
+    """None when the checkpoint holds this process's iterator state for this loader; else
+    the state that continues the saved run on this layout of processes and grain workers,
+    or a one-line error saying why it cannot."""
+    folder = os.path.join(self.directory, str(step), "data")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    counts = {int(m.group(1)) for m in map(re.compile(r"process_\d+-of-(\d+)\.json$").match,
+                                           names) if m}
+    if not counts:
+      return None
+    old, count = max(counts), jax.process_count()
+
+    def saved(index):
+      with open(os.path.join(folder, f"process_{index}-of-{old}.json")) as f:
+        return json.load(f)
+
+    template = json.loads(data_iterator.get_state())
+    workers = template["worker_count"]
+    if old == count and saved(jax.process_index()).get("worker_count") == workers:
+      return None
+    old_workers = saved(0).get("worker_count")
+    where = (f"{self.directory} (step {step}) was written by {old} process(es) with "
+             f"--config.data.worker_count={old_workers}, this run has {count} and {workers}")
+    if self.sampler is None:
+      raise JaxsegError(f"{where}; resume with the same")
+    for index in range(old):
+      theirs = saved(index)
+      expected = self.sampler.with_layout(index, old, theirs.get("worker_count", 0)
+                                          ).iterator_state(step, template)
+      if any(theirs.get(k) != expected[k] for k in ("sampler", "last_seen_indices",
+                                                     "last_worker_index")):
+        # Dropped bad examples (or other data) moved process `index` off the global batches:
+        # its position means nothing to another layout.
+        raise JaxsegError(f"{where}, and its data position (process {index}) is not the one "
+                          f"{step} global batches give (bad examples skipped?); resume with "
+                          f"the same")
+    logging.info("%s: the data position carries over (%d global batches)", where, step)
+    return json.dumps(self.sampler.iterator_state(step, template)).encode()
 
   def restore_state(self, step: int, abstract_state):
     """The train state alone at `step` (no data iterator): for inference from a run."""

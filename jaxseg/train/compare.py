@@ -29,6 +29,7 @@ from jaxseg import evaluate, visualize
 from jaxseg.data import from_config
 from jaxseg.errors import JaxsegError
 from jaxseg.train import runs
+from jaxseg.train.checkpoint import workdir_path
 
 # Unset data.num_train_examples / train.steps take these. The synthetic table takes 25 minutes
 # on a 2-core CPU (README); CamVid's preset trains on whole 360x480 frames, an accelerator's
@@ -193,7 +194,7 @@ def _members(config, names: list[str]) -> tuple[list[str], list[float] | None]:
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains, measures and evaluates every row (resuming), then writes the table and charts."""
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_path(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = resolved(config)
   names = selected(config)

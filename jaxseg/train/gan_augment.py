@@ -35,6 +35,7 @@ from jaxseg import visualize
 from jaxseg.data import from_config, generated
 from jaxseg.errors import JaxsegError
 from jaxseg.train import gan_loop, segmentation
+from jaxseg.train.checkpoint import workdir_path
 
 ARMS = ("real", "real+generated")
 
@@ -252,7 +253,7 @@ def _stats(values):
 
 def run(config, workdir: str) -> dict[str, Any]:
   """The whole experiment (resuming each stage); returns and writes summary.json."""
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_path(workdir)
   a = config.augment
   if a.num_pairs < 1:
     raise JaxsegError(f"--config.augment.num_pairs={a.num_pairs} must be at least 1")

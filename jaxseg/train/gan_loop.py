@@ -23,8 +23,8 @@ from jaxseg import image_quality, visualize
 from jaxseg.data import pipeline
 from jaxseg.errors import JaxsegError
 from jaxseg.train import gan as gan_lib
-from jaxseg.train import sharding
-from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume
+from jaxseg.train import distributed, sharding
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, workdir_path
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.data.from_config import make_data
 from jaxseg.train.segmentation import save_config
@@ -128,7 +128,7 @@ class Generator:
 
 def restore_generator(config, workdir: str) -> Generator:
   """The mask GAN of `workdir` (trained with `config`) at its latest checkpoint."""
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_path(workdir)
   setup = _setup(config, workdir)
   if setup.gan.kind != "mask":
     raise JaxsegError(f"{workdir}: a {setup.gan.kind} GAN draws no image for a label map")
@@ -146,7 +146,7 @@ def restore_generator(config, workdir: str) -> Generator:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir`), samples, scores FID/KID, writes summary.json."""
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_path(workdir)
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   setup = _setup(config, workdir)
   mesh, data, gan, state = setup.mesh, setup.data, setup.gan, setup.state
@@ -186,7 +186,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                    columns=4 if gan.kind == "mask" else 8)
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), setup.identity(config),
-                      keep=config.train.keep_checkpoints)
+                      keep=config.train.keep_checkpoints, sampler=data.loader.global_sampler)
   data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                size=config.data.prefetch)
   state, earlier, start = resume(ckpt, state, data_iter)
@@ -195,28 +195,34 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = MetricWriter(workdir, resume_step=start)
   progress = Progress(steps, start, config.train.batch_size)
   t_start = time.perf_counter()
-  try:
-    for step in range(start + 1, steps + 1):
-      state, out = train_step(state, next(data_iter))
-      if step % config.train.log_every == 0 or step == steps or step == start + 1:
-        out = jax.device_get(out)
-        if not all(np.isfinite(float(v)) for v in out.values()):
-          raise FloatingPointError(f"training stopped at step {step}: non-finite losses "
-                                   f"{ {k: float(v) for k, v in out.items()} }")
-        writer.write(step, out)
-        progress.update(step, float(out["d_loss"]), config.optim.g_learning_rate)
-      if step % config.train.sample_every == 0 or step == steps:
-        write_samples(step)
-      if step % config.train.checkpoint_every == 0 or step == steps:
-        ckpt.save(step, state, data_iter, force=step == steps, progress={
-            "train_seconds": earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start})
-    progress.close()
-    train_seconds = earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start
-  finally:
-    data_iter.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+  # As in segmentation.py: SIGTERM saves at the next step and stops.
+  with distributed.Preemption() as preemption:
+    try:
+      for step in range(start + 1, steps + 1):
+        state, out = train_step(state, next(data_iter))
+        if step % config.train.log_every == 0 or step == steps or step == start + 1:
+          out = jax.device_get(out)
+          if not all(np.isfinite(float(v)) for v in out.values()):
+            raise FloatingPointError(f"training stopped at step {step}: non-finite losses "
+                                     f"{ {k: float(v) for k, v in out.items()} }")
+          writer.write(step, out)
+          progress.update(step, float(out["d_loss"]), config.optim.g_learning_rate)
+        if step % config.train.sample_every == 0 or step == steps:
+          write_samples(step)
+        stop = preemption.reached(step)
+        if step % config.train.checkpoint_every == 0 or step == steps or stop:
+          ckpt.save(step, state, data_iter, force=step == steps or stop, progress={
+              "train_seconds": earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start})
+        if stop:
+          progress.close()
+          raise distributed.Preempted(step, workdir)
+      progress.close()
+      train_seconds = earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start
+    finally:
+      data_iter.close()
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
 
   scores = score(state, gan, sample, data.val, config, (h, w), num_classes, background)
   result = {**scores, "kind": gan.kind, "conditional": bool(setup.conditional),

@@ -29,8 +29,8 @@ from jaxseg import metrics, visualize
 from jaxseg.data import graph_data, sources, superpixels as sp
 from jaxseg.errors import JaxsegError
 from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN, node_loss
-from jaxseg.train import runs, sharding, xla_stats
-from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
+from jaxseg.train import distributed, runs, sharding, xla_stats
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature, workdir_path
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.data.from_config import make_sources
 from jaxseg.train.segmentation import (compute_dtype, optimizer_from_config, save_config,
@@ -228,7 +228,7 @@ def _pictures(path, val, graphs: graph_data.GraphSet, predictions, title: str) -
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Builds (or reuses) the graphs, trains (resuming from `workdir`), evaluates, writes
   summary.json, metrics.jsonl and predictions.png."""
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_path(workdir)
   os.makedirs(workdir, exist_ok=True)
   for key in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
     if config.train[key] < 1:
@@ -338,45 +338,51 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     progress.update(step, float(out["loss"]), float(out["learning_rate"]))
 
   pending = None
-  try:
-    for step in range(start + 1, steps + 1):
-      indices = batch_indices(step, len(train_graphs), batch_size, config.train.seed)
-      mirror = flips(step, batch_size, config.train.seed) if config.data.flip else None
-      batch = _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
-                               mirror), mesh)
-      if step_stats is None:  # compiled here once, for its FLOPs and memory as well
-        train_step, step_stats = xla_stats.compile_with_stats(train_step, state, batch)
-      state, out = train_step(state, batch)
+  # As in segmentation.py: SIGTERM saves at the next step and stops.
+  with distributed.Preemption() as preemption:
+    try:
+      for step in range(start + 1, steps + 1):
+        indices = batch_indices(step, len(train_graphs), batch_size, config.train.seed)
+        mirror = flips(step, batch_size, config.train.seed) if config.data.flip else None
+        batch = _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
+                                 mirror), mesh)
+        if step_stats is None:  # compiled here once, for its FLOPs and memory as well
+          train_step, step_stats = xla_stats.compile_with_stats(train_step, state, batch)
+        state, out = train_step(state, batch)
+        if pending is not None:
+          drain(*pending)
+        pending = (step, out)
+        if step == start + 1:  # the compile time is measured on the first step
+          drain(*pending)
+          pending = None
+        if config.train.eval_every and step % config.train.eval_every == 0 and step != steps:
+          if pending is not None:
+            drain(*pending)
+            pending = None
+          summary, _ = run_eval(step)
+          progress.write(f"step {step}: val mIoU {metrics.fmt_score(summary['miou'])}")
+        stop = preemption.reached(step)
+        if step % config.train.checkpoint_every == 0 or step == steps or stop:
+          if pending is not None:
+            drain(*pending)
+            pending = None
+          ckpt.save(step, state, force=step == steps or stop,
+                    progress={"train_seconds": seconds_so_far(),
+                              **step_figures(step_stats, earlier)})
+        if stop:
+          progress.close()
+          raise distributed.Preempted(step, workdir)
       if pending is not None:
         drain(*pending)
-      pending = (step, out)
-      if step == start + 1:  # the compile time is measured on the first step
-        drain(*pending)
-        pending = None
-      if config.train.eval_every and step % config.train.eval_every == 0 and step != steps:
-        if pending is not None:
-          drain(*pending)
-          pending = None
-        summary, _ = run_eval(step)
-        progress.write(f"step {step}: val mIoU {metrics.fmt_score(summary['miou'])}")
-      if step % config.train.checkpoint_every == 0 or step == steps:
-        if pending is not None:
-          drain(*pending)
-          pending = None
-        ckpt.save(step, state, force=step == steps,
-                  progress={"train_seconds": seconds_so_far(),
-                            **step_figures(step_stats, earlier)})
-    if pending is not None:
-      drain(*pending)
-    progress.close()
-    t_end = time.perf_counter()
-    train_seconds = seconds_so_far() if steps > start else earlier.get("train_seconds", 0.0)
-    final_step = int(jax.device_get(state.step))
-    summary, kept = run_eval(final_step)
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+      progress.close()
+      t_end = time.perf_counter()
+      train_seconds = seconds_so_far() if steps > start else earlier.get("train_seconds", 0.0)
+      final_step = int(jax.device_get(state.step))
+      summary, kept = run_eval(final_step)
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
 
   oracle = metrics.summarize(oracle_confusion(val_graphs, num_classes))
   if hybrid is not None:

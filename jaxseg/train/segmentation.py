@@ -24,8 +24,8 @@ from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.evaluate import confusion_over
 from jaxseg.models import create_model
-from jaxseg.train import optim, runs, sharding, xla_stats
-from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature
+from jaxseg.train import distributed, optim, runs, sharding, xla_stats
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature, workdir_path
 from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.train.state import TrainState
 from jaxseg.train.steps import make_eval_step, make_train_step
@@ -197,7 +197,7 @@ def save_config(config, workdir: str) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, writes outputs."""
-  workdir = os.path.abspath(workdir)
+  workdir = workdir_path(workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh()
   local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
@@ -230,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               "global_batch_size": config.train.batch_size,
               "preprocessing": pretrained_meta["preprocessing"] if pretrained_meta else "imagenet"}
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
-                      keep=config.train.keep_checkpoints)
+                      keep=config.train.keep_checkpoints, sampler=data.loader.global_sampler)
   data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                size=config.data.prefetch)
   resumed = ckpt.latest_step() is not None
@@ -316,37 +316,47 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     elif step % config.train.log_every == 0 and out["finite"]:
       writer.write(step, row)
 
-  try:
-    for step in range(start + 1, steps + 1):
-      batch = next(data_iter)
-      if step_stats is None:  # compiled here once, for its FLOPs and memory as well
-        train_step, step_stats = xla_stats.compile_with_stats(train_step, state, batch)
-      state, out = train_step(state, batch)
-      if pending is not None:
-        drain(*pending)
-      pending = (step, out)
-      if step % config.train.checkpoint_every == 0 or step == steps:
-        drain(*pending)
-        pending = None
-        ckpt.save(step, state, data_iter, force=step == steps, progress=progress_record(step))
-      if is_eval_step(step) and step != steps:
+  # SIGTERM is caught until the checkpoint is written: the loop saves at the next step and
+  # stops (distributed.Preemption), and a second notice cannot cut the save short.
+  with distributed.Preemption() as preemption:
+    try:
+      for step in range(start + 1, steps + 1):
+        batch = next(data_iter)
+        if step_stats is None:  # compiled here once, for its FLOPs and memory as well
+          train_step, step_stats = xla_stats.compile_with_stats(train_step, state, batch)
+        state, out = train_step(state, batch)
         if pending is not None:
           drain(*pending)
+        pending = (step, out)
+        stop = preemption.reached(step)
+        if step % config.train.checkpoint_every == 0 or step == steps or stop:
+          drain(*pending)
           pending = None
-        summary, _ = run_eval(step)
-        progress.write(f"step {step}: val mIoU {metrics.fmt_score(summary['miou'])}")
-    if pending is not None:
-      drain(*pending)
-    progress.close()
-    final_step = int(jax.device_get(state.step))
-    # The loop saved the last step already (or, resumed at the end, had nothing to train).
-    totals = progress_record(final_step)
-    summary, kept = run_eval(final_step)
-  finally:
-    data_iter.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+          ckpt.save(step, state, data_iter, force=step == steps or stop,
+                    progress=progress_record(step))
+        if stop:
+          if step in train_rows:  # its evaluation is skipped: stop as soon as possible
+            writer.write(step, train_rows.pop(step))
+          progress.close()
+          raise distributed.Preempted(step, workdir)
+        if is_eval_step(step) and step != steps:
+          if pending is not None:
+            drain(*pending)
+            pending = None
+          summary, _ = run_eval(step)
+          progress.write(f"step {step}: val mIoU {metrics.fmt_score(summary['miou'])}")
+      if pending is not None:
+        drain(*pending)
+      progress.close()
+      final_step = int(jax.device_get(state.step))
+      # The loop saved the last step already (or, resumed at the end, had nothing to train).
+      totals = progress_record(final_step)
+      summary, kept = run_eval(final_step)
+    finally:
+      data_iter.close()
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
 
   trained = max(steps - start, 0)
   result = {
