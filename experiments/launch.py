@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -140,9 +141,7 @@ def _numbers(values: Sequence[str], flag: str) -> list[float]:
 
 
 def report(summary: dict, workdir: str, pictures: Sequence[str] = ("predictions.png",)) -> None:
-  """The one-line JSON result and where the outputs are (process 0 reports)."""
-  if jax.process_index() != 0:
-    return
+  """The one-line JSON result and where the outputs are."""
   keys = ("miou", "pixel_accuracy", "mean_dice", "steps", "train_seconds", "images_per_second")
   print(json.dumps({k: summary[k] for k in keys}))
   print(f"wrote {workdir}/summary.json, {', '.join(pictures)}, metrics.jsonl, checkpoints/")
@@ -167,10 +166,15 @@ def run(main: Callable[..., None], positional: bool = False) -> None:
       logging.info("JAX %s on %d %s device(s) (%d process(es)): %s", jax.__version__,
                    jax.device_count(), jax.default_backend(), jax.process_count(),
                    ", ".join(sorted({d.device_kind for d in jax.devices()})))
-      if positional:
-        main(argv[1:])
-      else:
-        main()
+      # One report per run: the other processes of a multi-process run print nothing.
+      with contextlib.ExitStack() as stack:
+        if jax.process_index():
+          stack.enter_context(contextlib.redirect_stdout(
+              stack.enter_context(open(os.devnull, "w", encoding="utf-8"))))
+        if positional:
+          main(argv[1:])
+        else:
+          main()
     except (JaxsegError, FloatingPointError) as e:  # bad input, or training diverged
       sys.exit(f"error: {e}")
     except distributed.Preempted as e:  # a checkpoint was saved: the scheduler may restart us

@@ -6,10 +6,12 @@ import functools
 import os
 import pathlib
 import re
+import signal
 
 from experiments.configs import deeplab as deeplab_config
 from jaxseg import backbones
 from jaxseg.backbones.resnet import ResNet
+from jaxseg.train import distributed
 
 # The real CamVid copy beside the repository (CI clones next to ../shared).
 CAMVID = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
@@ -53,3 +55,16 @@ def tiny_config(steps: int = 4, **overrides):
     section, name = key.split(".")
     setattr(config[section], name, value)
   return config
+
+
+def sigterm_at_step(monkeypatch, step: int) -> None:
+  """Sends this process SIGTERM, as a scheduler would, when a training loop reaches `step`
+  (just before it asks whether to stop there)."""
+  reached = distributed.Preemption.reached
+
+  def wrapped(self, current):
+    if current == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return reached(self, current)
+
+  monkeypatch.setattr(distributed.Preemption, "reached", wrapped)

@@ -158,6 +158,24 @@ def test_experiment_end_to_end(tmp_path, kind):
 
 
 
+def test_sigterm_saves_the_step_and_the_rerun_resumes_there(tmp_path, monkeypatch):
+  from experiments.configs import sagan as sagan_config  # pylint: disable=g-import-not-at-top
+  from jaxseg.train import distributed, gan_loop  # pylint: disable=g-import-not-at-top
+  config = sagan_config.get_config()
+  config.data.image_size, config.train.steps, config.train.batch_size = 32, 3, 8
+  config.model.g_ch = config.model.d_ch = config.model.z_dim = 8
+  config.model.attention_resolution, config.train.num_samples = 16, 4
+  config.eval.num_images, config.eval.kid_subsets = 8, 2
+  with monkeypatch.context() as patch:
+    helpers.sigterm_at_step(patch, 2)
+    with pytest.raises(distributed.Preempted, match="saved step 2"):
+      gan_loop.train_and_evaluate(config, str(tmp_path))
+  assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 2
+  assert not (tmp_path / "summary.json").exists()
+  summary = gan_loop.train_and_evaluate(config, str(tmp_path))
+  assert summary["resumed_from"] == 2 and summary["steps"] == 3
+
+
 def test_bad_size_is_one_line(tmp_path):
   result = _experiment(tmp_path, "--config.data.image_size=48")
   assert result.returncode != 0

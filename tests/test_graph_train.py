@@ -14,7 +14,7 @@ import pytest
 from experiments.configs import superpixel_gnn as gnn_config
 from jaxseg import evaluate, metrics
 from jaxseg.data import from_config, graph_data, superpixels as sp
-from jaxseg.train import graph, optim, sharding
+from jaxseg.train import distributed, graph, optim, sharding
 from jaxseg.train.state import TrainState
 from jaxseg.models.superpixel_gnn import SuperpixelGNN
 from tests import helpers
@@ -145,14 +145,17 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-def test_resume_gives_the_same_run_and_reuses_the_graphs(tmp_path):
+def test_sigterm_then_resume_gives_the_same_run_and_reuses_the_graphs(tmp_path, monkeypatch):
   whole = graph.train_and_evaluate(_config(4), str(tmp_path / "whole"))
-  graph.train_and_evaluate(_config(2), str(tmp_path / "split"))
+  with monkeypatch.context() as patch:
+    helpers.sigterm_at_step(patch, 3)
+    with pytest.raises(distributed.Preempted, match="saved step 3"):
+      graph.train_and_evaluate(_config(4), str(tmp_path / "split"))
   cache = tmp_path / "split" / "graphs" / "train.npz"
   built = cache.stat().st_mtime_ns
   resumed = graph.train_and_evaluate(_config(4), str(tmp_path / "split"))
   assert cache.stat().st_mtime_ns == built  # reused, not rebuilt
-  assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+  assert resumed["resumed_from"] == 3 and resumed["steps"] == 4
   assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
   assert resumed["miou"] == whole["miou"]
   # Pixel metrics at full resolution, bounded by the oracle in pixel accuracy.
