@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -240,6 +241,35 @@ def test_detects_the_launcher(environ, tpu, expected):
 def test_process_flags_errors(args, message):
   with pytest.raises(JaxsegError, match=message):
     distributed.check_process_flags(*args)
+
+
+def test_srun_tasks_join_without_flags():
+  # What srun sets for 2 tasks on one node. JAX derives the coordinator port from the job id
+  # (61440 + id mod 4096): pick an id whose port is free.
+  for port in random.Random().sample(range(61440, 65536), 50):
+    with socket.socket() as s, contextlib.suppress(OSError):
+      s.bind(("localhost", port))
+      break
+  script = ("from jaxseg.train import distributed; how = distributed.initialize(); "
+            "import jax; print('joined', how, jax.process_index(), jax.process_count(), "
+            "jax.device_count())")
+  started = []
+  try:
+    for task in range(2):
+      env = dict(helpers.device_env(2), SLURM_JOB_ID=str(port - 61440),
+                 SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(task),
+                 SLURM_LOCALID=str(task))
+      started.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    results = _finish(started, timeout=300)
+  finally:
+    for proc in started:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+  for task, (code, out, err) in enumerate(results):
+    assert code == 0, err[-3000:]
+    assert f"joined slurm {task} 2 4" in out
 
 
 def test_process_flags_of_one_process_need_no_runtime():
