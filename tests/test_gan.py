@@ -129,17 +129,34 @@ def test_one_step_is_the_same_on_1_and_8_devices():
                outs[1][0], outs[0][0])
 
 
-def _experiment(tmp_path, *args):
-  import pathlib, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+def _experiment(tmp_path, *args, pause_at=None):
+  """experiments.sagan; with `pause_at`, started through tests.run_paused, SIGTERM'd at that
+  step once it is there."""
+  import pathlib, signal, subprocess, sys, time  # pylint: disable=g-import-not-at-top,multiple-imports
   env = helpers.device_env(2)
-  return subprocess.run(
-      [sys.executable, "-m", "experiments.sagan", f"--workdir={tmp_path}",
+  command = [sys.executable, "-m", "experiments.sagan"]
+  if pause_at is not None:
+    paused = pathlib.Path(f"{tmp_path}.paused")
+    env.update(PAUSE_AT_STEP=str(pause_at), PAUSE_FILE=str(paused))
+    command = [sys.executable, "-m", "tests.run_paused", "experiments.sagan"]
+  process = subprocess.Popen(
+      [*command, f"--workdir={tmp_path}",
        "--config.data.image_size=32", "--config.train.steps=2", "--config.train.batch_size=4",
        "--config.model.g_ch=8", "--config.model.d_ch=8", "--config.model.z_dim=8",
        "--config.model.attention_resolution=16", "--config.train.num_samples=4",
        "--config.eval.num_images=8", "--config.eval.kid_subsets=2", *args],
-      cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True,
-      text=True, timeout=600)
+      cwd=pathlib.Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  try:
+    if pause_at is not None:
+      deadline = time.monotonic() + 600
+      while not paused.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+      process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=600)
+  finally:
+    process.kill()
+  return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 # The mask kind runs end to end in experiments.gan_augment's test (tests/test_gan_augment.py).
@@ -147,33 +164,21 @@ def _experiment(tmp_path, *args):
 def test_experiment_end_to_end(tmp_path, kind):
   import json  # pylint: disable=g-import-not-at-top
   args = [f"--config.model.kind={kind}", "--config.model.g_channels=2,1,1"]
+  # Preempted at step 1 (SIGTERM): saved there, exit 0; the rerun resumes and finishes.
+  preempted = _experiment(tmp_path, *args, pause_at=1)
+  assert preempted.returncode == 0, preempted.stderr[-3000:]
+  assert f"preempted: saved step 1 in {tmp_path}" in preempted.stdout
+  assert not (tmp_path / "summary.json").exists()
   result = _experiment(tmp_path, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["kind"] == kind and summary["steps"] == 2 and summary["devices"] == 2
+  assert summary["resumed_from"] == 1
   assert np.isfinite(summary["fid"]) and summary["fid_images"] == 8
   assert summary["fid_features"].startswith("random-convnet")
   assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
   assert (tmp_path / "samples" / "step_000002.png").exists()
 
-
-
-def test_sigterm_saves_the_step_and_the_rerun_resumes_there(tmp_path, monkeypatch):
-  from experiments.configs import sagan as sagan_config  # pylint: disable=g-import-not-at-top
-  from jaxseg.train import distributed, gan_loop  # pylint: disable=g-import-not-at-top
-  config = sagan_config.get_config()
-  config.data.image_size, config.train.steps, config.train.batch_size = 32, 3, 8
-  config.model.g_ch = config.model.d_ch = config.model.z_dim = 8
-  config.model.attention_resolution, config.train.num_samples = 16, 4
-  config.eval.num_images, config.eval.kid_subsets = 8, 2
-  with monkeypatch.context() as patch:
-    helpers.sigterm_at_step(patch, 2)
-    with pytest.raises(distributed.Preempted, match="saved step 2"):
-      gan_loop.train_and_evaluate(config, str(tmp_path))
-  assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 2
-  assert not (tmp_path / "summary.json").exists()
-  summary = gan_loop.train_and_evaluate(config, str(tmp_path))
-  assert summary["resumed_from"] == 2 and summary["steps"] == 3
 
 
 def test_bad_size_is_one_line(tmp_path):

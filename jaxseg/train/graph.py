@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 
@@ -170,8 +171,10 @@ def evaluate(eval_step, state, graphs: graph_data.GraphSet, mesh, budget: Budget
     cm, predictions = eval_step(state, _put(batch, mesh))
     confusion += np.asarray(jax.device_get(cm), np.int64)
     hits = [p for p in indices if p in wanted]
+    if hits:  # the same on every process: the gather is a collective
+      # Every process's graphs of the batch, for process 0 to draw.
+      predictions = np.asarray(multihost_utils.process_allgather(predictions, tiled=True))
     if hits and jax.process_index() == 0:
-      predictions = np.asarray(jax.device_get(predictions))
       for p in hits:
         device, slot = divmod(int(p - start), budget.graphs_per_device)
         offset = int(batch.n_node[device, :slot].sum())
