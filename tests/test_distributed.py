@@ -6,6 +6,7 @@ process is started in its own session and killed with its children when a test e
 """
 
 import contextlib
+import itertools
 import json
 import os
 import pathlib
@@ -24,6 +25,7 @@ from jaxseg.data import pipeline
 from jaxseg.data.synthetic import SyntheticShapes
 from jaxseg.errors import JaxsegError
 from jaxseg.train import distributed
+from jaxseg.train.checkpoint import Checkpointer
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -213,6 +215,40 @@ def test_loader_position_carries_over_to_another_process_layout():
     template = json.loads(it.get_state())
     it.set_state(json.dumps(loader.global_sampler.iterator_state(3, template)).encode())
     np.testing.assert_array_equal(next(it)["image"], expected[3][2 * p:2 * p + 2])
+
+
+@pytest.mark.parametrize("batches_read", [3, 4])
+def test_checkpoint_of_two_processes_resumes_its_data_position_on_one(tmp_path, batches_read):
+  """A checkpoint at step 3 whose per-process files were written by 2 processes; one process
+  resumes it. Had the processes read another number of batches than the step says (skipped
+  bad examples do that), the position is refused, not guessed."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  source = SyntheticShapes("train", image_size=16, num_examples=10)
+  one = pipeline.train_loader(source, batch_size=4, seed=0)
+  expected = list(itertools.islice(iter(one), 4))
+  directory = tmp_path / "checkpoints"
+  ckpt = Checkpointer(str(directory), {}, async_save=False, sampler=one.global_sampler)
+  ckpt.save(3, {"w": jnp.zeros(2)}, iter(one))
+  ckpt.close()
+  data = directory / "3" / "data"
+  (data / "process_0-of-1.json").unlink()
+  for p in range(2):
+    it = iter(pipeline.train_loader(source, batch_size=2, seed=0, process_index=p,
+                                    process_count=2))
+    for _ in range(batches_read):
+      next(it)
+    (data / f"process_{p}-of-2.json").write_bytes(it.get_state())
+  ckpt = Checkpointer(str(directory), {}, sampler=one.global_sampler)
+  resumed = iter(one)
+  if batches_read != 3:
+    with pytest.raises(JaxsegError, match=r"written by 2 process\(es\) with --config.data."
+                                          r"worker_count=0, this run has 1 and 0, and its data "
+                                          r"position \(process 0\) is not the one 3 global "
+                                          r"batches give"):
+      ckpt.restore(3, {"w": jnp.zeros(2)}, resumed)
+    return
+  ckpt.restore(3, {"w": jnp.zeros(2)}, resumed)
+  np.testing.assert_array_equal(next(resumed)["image"], expected[3]["image"])
 
 
 @pytest.mark.parametrize("environ,tpu,expected", [
