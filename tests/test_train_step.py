@@ -1,4 +1,8 @@
-"""The jitted train step: 1 vs 8 devices, non-finite steps, the data boundary, batch checks."""
+"""The jitted train step: 1 vs 8 devices, its communication, non-finite steps, the data boundary,
+batch checks."""
+
+import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -136,3 +140,36 @@ def test_batch_not_divisible_by_devices_says_what_to_change():
   with pytest.raises(JaxsegError, match=r"batch_size=12 is not divisible by the 8 devices.*"
                                         r"multiple of 8 \(e.g. 8 or 16\)"):
     sharding.check_batch_size(12, mesh)
+
+
+def _all_reduced_shapes(hlo: str) -> list[tuple[int, ...]]:
+  """The operand shapes of every all-reduce in a compiled HLO module's text."""
+  shapes = []
+  for line in hlo.splitlines():
+    match = re.search(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", line)
+    if match:
+      shapes += [tuple(int(d) for d in dims.split(",") if d)
+                 for dims in re.findall(r"[a-z]+\d+\[([0-9,]*)\]", match.group(1))]
+  return shapes
+
+
+def test_the_step_communicates_by_all_reduce_of_each_gradient_once(eight):
+  """Data parallelism as the compiler sees it: the batch stays sharded and the state
+  replicated, so the 8-device step moves data only by all-reduce (no all-gather, all-to-all,
+  collective-permute or reduce-scatter), every weight's gradient is in exactly one all-reduce,
+  and the rest is the small vectors of synchronised BatchNorm and the loss."""
+  mesh, fresh, train_step, _ = eight
+  state = fresh()
+  hlo = train_step.lower(state, sharding.put_batch(_batch(), mesh)).compile().as_text()
+  for other in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
+    assert f" {other}(" not in hlo and f" {other}-start(" not in hlo, other
+  reduced = collections.Counter(_all_reduced_shapes(hlo))
+  kernels = collections.Counter(tuple(x.shape) for x in jax.tree.leaves(state.params)
+                                if x.ndim >= 2)
+  assert {s: reduced[s] for s in kernels} == dict(kernels)
+  # Besides the gradients: per BatchNorm layer, its statistics forward and its scale and bias
+  # gradients (the sums its backward pass needs anyway) -- vectors, not copies of weights.
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  bn_channels = sum(x.size for x in jax.tree.leaves(state.batch_stats)) // 2
+  elements = sum(int(np.prod(s)) for s, n in reduced.items() for _ in range(n))
+  assert params <= elements <= params + 4 * bn_channels
