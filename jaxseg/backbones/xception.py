@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.layers import ConvBNAct, SeparableConvBNAct, batch_norm, conv_kernel_init
+from jaxseg.layers import (ConvBNAct, DepthwiseConv, SeparableConvBNAct, batch_norm,
+                           conv_kernel_init)
 from jaxseg.errors import JaxsegError
 
 Dtype = Any
@@ -47,10 +48,9 @@ class KerasSeparableConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c = x.shape[-1]
-    x = nn.Conv(c, (3, 3), padding="SAME", kernel_dilation=self.dilation, feature_group_count=c,
-                use_bias=False, kernel_init=conv_kernel_init, dtype=self.dtype,
-                name="depthwise")(x)
+    # Stride 1 and an odd kernel: Keras's "same" is `dilation` pixels on every side.
+    x = DepthwiseConv(3, dilation=self.dilation, padding=self.dilation, dtype=self.dtype,
+                      name="depthwise")(x)
     return nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_kernel_init,
                    dtype=self.dtype, name="pointwise")(x)
 
