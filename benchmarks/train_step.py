@@ -23,19 +23,15 @@ from jaxseg.models import create_model
 from jaxseg.train import segmentation, sharding, xla_stats
 
 
-def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size=(512, 512),
-            batch_size: int = 2, dtype: str = "auto", output_stride: int = 16,
-            separable: bool = False, num_classes: int = 19, steps: int = 5) -> dict:
-  """Compiles and times the train step on random uint8 batches; returns the figures."""
-  config = deeplab_config.get_config()
-  config.model.backbone, config.model.dtype = backbone, dtype
-  config.model.output_stride, config.model.separable = output_stride, separable
-  config.train.batch_size = batch_size
+def build(config, size, batch_size: int, num_classes: int = 19):
+  """(jitted train step, initial state, a random uint8 batch) of `config`'s model and recipe
+  (loss, optimizer) on the default mesh."""
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh)
-  compute = segmentation.compute_dtype(dtype)
-  model = create_model(model_name, num_classes=num_classes, backbone=backbone,
-                       dtype=compute, **segmentation.model_kwargs(config))
+  compute = segmentation.compute_dtype(config.model.dtype)
+  model = create_model(config.model.name, num_classes=num_classes,
+                       backbone=config.model.get("backbone"), dtype=compute,
+                       **segmentation.model_kwargs(config))
   state, state_sharding, schedule = segmentation.create_train_state(
       config, model, mesh, (*size, 3), steps=1000)
   train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, schedule,
@@ -45,6 +41,18 @@ def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size
       "image": rng.integers(0, 256, (batch_size, *size, 3), dtype=np.uint8),
       "label": rng.integers(0, num_classes, (batch_size, *size), dtype=np.uint8)},
       mesh)
+  return train_step, state, batch
+
+
+def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size=(512, 512),
+            batch_size: int = 2, dtype: str = "auto", output_stride: int = 16,
+            separable: bool = False, num_classes: int = 19, steps: int = 5) -> dict:
+  """Compiles and times the train step on random uint8 batches; returns the figures."""
+  config = deeplab_config.get_config()
+  config.model.name, config.model.backbone, config.model.dtype = model_name, backbone, dtype
+  config.model.output_stride, config.model.separable = output_stride, separable
+  compute = segmentation.compute_dtype(dtype)
+  train_step, state, batch = build(config, size, batch_size, num_classes)
 
   t = time.perf_counter()
   compiled, stats = xla_stats.compile_with_stats(train_step, state, batch)
