@@ -25,7 +25,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_models  # pylint: disable=g-import-not-at-top,wrong-import-position
