@@ -9,7 +9,8 @@ the same layers, checked to have the same number of parameters before anything i
 channels_last, the same loss and optimizer) are timed alternately, one step each in turn,
 after a warm-up step each, so that the machine's noise falls on both. Prints the median step
 times, images/s, peak memory (jaxseg: XLA's buffer assignment; torch: the peak RSS growth of
-one step, measured in a fresh process) and the ratio torch time / jaxseg time (> 1: jaxseg is
+two steps from the built model, optimizer state included, measured in a fresh process) and
+the ratio torch time / jaxseg time (> 1: jaxseg is
 faster). torch is a benchmark-only dependency (`pip install torch`).
 """
 
@@ -73,14 +74,15 @@ def torch_step(model, size, batch_size: int, num_classes: int):
     loss = F.cross_entropy(logits, labels, ignore_index=255) + dice.mean()
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
   return step
 
 
 def torch_peak_rss(name: str, size, batch_size: int) -> int:
-  """Bytes the process's peak RSS grows by over one torch train step (after a warm-up step),
-  in a fresh process so that JAX's memory does not count."""
+  """Bytes the process's peak RSS grows by over two torch train steps of the built model (the
+  optimizer state is allocated by the first), in a fresh process so that JAX's memory does
+  not count."""
   out = subprocess.run([sys.executable, __file__, f"--torch_memory_of={name}",
                         f"--size={size[0]}", f"--batch_size={batch_size}"],
                        capture_output=True, text=True, check=True)
@@ -89,8 +91,8 @@ def torch_peak_rss(name: str, size, batch_size: int) -> int:
 
 def _measure_torch_memory(name: str, size, batch_size: int) -> None:
   step = torch_step(torch_models.build(name, NUM_CLASSES), size, batch_size, NUM_CLASSES)
-  step()
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model, batch: built
+  step()  # the first step also allocates the optimizer state, as jaxseg's state holds it
   step()
   print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
