@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,10 +90,17 @@ def torch_peak_rss(name: str, size, batch_size: int) -> int:
 
 def _measure_torch_memory(name: str, size, batch_size: int) -> None:
   step = torch_step(torch_models.build(name, NUM_CLASSES), size, batch_size, NUM_CLASSES)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # model, batch: built
+  before = _peak_rss()  # model, batch: built
   step()  # the first step also allocates the optimizer state, as jaxseg's state holds it
   step()
-  print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+  print(_peak_rss() - before)
+
+
+def _peak_rss() -> int:
+  """This process's peak RSS in bytes (VmHWM: unlike getrusage's ru_maxrss, it is not
+  inherited from the parent process that started this one)."""
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
 def compare(name: str, size, batch_size: int, steps: int) -> dict:
