@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
 import re
 import signal
+import subprocess
+import sys
+import time
 
 from experiments.configs import deeplab as deeplab_config
 from jaxseg import backbones
@@ -68,3 +72,49 @@ def sigterm_at_step(monkeypatch, step: int) -> None:
     return reached(self, current)
 
   monkeypatch.setattr(distributed.Preemption, "reached", wrapped)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def processes_in_sessions(runs):
+  """Starts one process per (argv, env) of `runs` from the repository root, each in its own
+  session; yields the Popens. Whatever happens, each is killed with its children (grain
+  workers) at exit."""
+  started = []
+  try:
+    for argv, env in runs:
+      started.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    yield started
+  finally:
+    for proc in started:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.communicate()
+
+
+def finish(started, timeout=600):
+  """(return code, stdout, stderr) of each process."""
+  outputs = [p.communicate(timeout=timeout) for p in started]
+  return [(p.returncode, *out) for p, out in zip(started, outputs)]
+
+
+def paused_at(module: str, step: int, pause_file, env) -> tuple[list[str], dict]:
+  """(argv prefix, env) that run `python -m module` through tests.run_paused, pausing at
+  `step` until SIGTERM (see sigterm_when_paused)."""
+  return ([sys.executable, "-m", "tests.run_paused", module],
+          dict(env, PAUSE_AT_STEP=str(step), PAUSE_FILE=str(pause_file)))
+
+
+def sigterm_when_paused(started, pause_file, timeout=600):
+  """Waits for the run to reach its pause, SIGTERMs process 0 there, returns `finish`."""
+  deadline = time.monotonic() + timeout
+  while not pathlib.Path(pause_file).exists():
+    assert all(p.poll() is None for p in started), finish(started)[0][2][-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.1)
+  started[0].send_signal(signal.SIGTERM)
+  return finish(started)

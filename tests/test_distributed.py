@@ -11,11 +11,9 @@ import json
 import os
 import pathlib
 import random
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -47,39 +45,24 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _processes(workdir, processes: int, devices: int, *, pause_at=None):
-  """Starts the run as `processes` processes of `devices` CPU devices each; yields the Popens.
-  Whatever happens, every process (and its grain workers) is gone afterwards."""
+  """Starts the run as `processes` processes of `devices` CPU devices each; yields the Popens,
+  all gone (with their grain workers) afterwards."""
   port = _free_port()
-  env = helpers.device_env(devices)
-  command = [sys.executable, "-m", "experiments.unet"]
+  command, env = [sys.executable, "-m", "experiments.unet"], helpers.device_env(devices)
   if pause_at is not None:
-    command = [sys.executable, "-m", "tests.run_paused", "experiments.unet"]
-    env.update(PAUSE_AT_STEP=str(pause_at), PAUSE_FILE=str(workdir) + ".paused")
-  started = []
-  try:
-    for p in range(processes):
-      extra = ([f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
-                f"--process_id={p}"] if processes > 1 else [])
-      started.append(subprocess.Popen(
-          [*command, *FLAGS, f"--workdir={workdir}", *extra], cwd=ROOT, env=env,
-          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))
+    command, env = helpers.paused_at("experiments.unet", pause_at, f"{workdir}.paused", env)
+  runs = []
+  for p in range(processes):
+    extra = ([f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
+              f"--process_id={p}"] if processes > 1 else [])
+    runs.append(([*command, *FLAGS, f"--workdir={workdir}", *extra], env))
+  with helpers.processes_in_sessions(runs) as started:
     yield started
-  finally:
-    for proc in started:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-      proc.communicate()
-
-
-def _finish(started, timeout=600):
-  """(return code, stdout, stderr) of each process."""
-  outputs = [p.communicate(timeout=timeout) for p in started]
-  return [(p.returncode, *out) for p, out in zip(started, outputs)]
 
 
 def _train(workdir, processes, devices):
   with _processes(workdir, processes, devices) as started:
-    results = _finish(started)
+    results = helpers.finish(started)
   for code, _, err in results:
     assert code == 0, err[-3000:]
   return results
@@ -149,14 +132,7 @@ def test_two_processes_train_as_one_process_with_their_devices(reference, tmp_pa
 def _preempt(workdir, processes, devices, at=3):
   """Runs until step `at`, sends SIGTERM to process 0 there; returns the processes' results."""
   with _processes(workdir, processes, devices, pause_at=at) as started:
-    paused = pathlib.Path(str(workdir) + ".paused")
-    deadline = time.monotonic() + 600
-    while not paused.exists():
-      assert all(p.poll() is None for p in started), _finish(started)[0][2][-3000:]
-      assert time.monotonic() < deadline
-      time.sleep(0.1)
-    os.kill(started[0].pid, signal.SIGTERM)
-    return _finish(started)
+    return helpers.sigterm_when_paused(started, f"{workdir}.paused")
 
 
 def test_preempted_two_process_run_agrees_on_a_step_and_resumes_on_one_process(reference,
@@ -279,20 +255,12 @@ def test_srun_tasks_join_without_flags():
   script = ("from jaxseg.train import distributed; how = distributed.initialize(); "
             "import jax; print('joined', how, jax.process_index(), jax.process_count(), "
             "jax.device_count())")
-  started = []
-  try:
-    for task in range(2):
-      env = dict(helpers.device_env(2), SLURM_JOB_ID=str(port - 61440),
-                 SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(task),
-                 SLURM_LOCALID=str(task))
-      started.append(subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
-    results = _finish(started, timeout=300)
-  finally:
-    for proc in started:
-      with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+  runs = [([sys.executable, "-c", script],
+           dict(helpers.device_env(2), SLURM_JOB_ID=str(port - 61440),
+                SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(task),
+                SLURM_LOCALID=str(task))) for task in range(2)]
+  with helpers.processes_in_sessions(runs) as started:
+    results = helpers.finish(started, timeout=300)
   for task, (code, out, err) in enumerate(results):
     assert code == 0, err[-3000:]
     assert f"joined slurm {task} 2 4" in out

@@ -130,33 +130,20 @@ def test_one_step_is_the_same_on_1_and_8_devices():
 
 
 def _experiment(tmp_path, *args, pause_at=None):
-  """experiments.sagan; with `pause_at`, started through tests.run_paused, SIGTERM'd at that
-  step once it is there."""
-  import pathlib, signal, subprocess, sys, time  # pylint: disable=g-import-not-at-top,multiple-imports
-  env = helpers.device_env(2)
-  command = [sys.executable, "-m", "experiments.sagan"]
+  """experiments.sagan; with `pause_at`, SIGTERM'd when it reaches that step."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  command, env = [sys.executable, "-m", "experiments.sagan"], helpers.device_env(2)
   if pause_at is not None:
-    paused = pathlib.Path(f"{tmp_path}.paused")
-    env.update(PAUSE_AT_STEP=str(pause_at), PAUSE_FILE=str(paused))
-    command = [sys.executable, "-m", "tests.run_paused", "experiments.sagan"]
-  process = subprocess.Popen(
-      [*command, f"--workdir={tmp_path}",
-       "--config.data.image_size=32", "--config.train.steps=2", "--config.train.batch_size=4",
-       "--config.model.g_ch=8", "--config.model.d_ch=8", "--config.model.z_dim=8",
-       "--config.model.attention_resolution=16", "--config.train.num_samples=4",
-       "--config.eval.num_images=8", "--config.eval.kid_subsets=2", *args],
-      cwd=pathlib.Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
-  try:
-    if pause_at is not None:
-      deadline = time.monotonic() + 600
-      while not paused.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-      process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=600)
-  finally:
-    process.kill()
-  return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    command, env = helpers.paused_at("experiments.sagan", pause_at, f"{tmp_path}.paused", env)
+  argv = [*command, f"--workdir={tmp_path}",
+          "--config.data.image_size=32", "--config.train.steps=2", "--config.train.batch_size=4",
+          "--config.model.g_ch=8", "--config.model.d_ch=8", "--config.model.z_dim=8",
+          "--config.model.attention_resolution=16", "--config.train.num_samples=4",
+          "--config.eval.num_images=8", "--config.eval.kid_subsets=2", *args]
+  with helpers.processes_in_sessions([(argv, env)]) as started:
+    ((code, out, err),) = (helpers.sigterm_when_paused(started, f"{tmp_path}.paused")
+                           if pause_at is not None else helpers.finish(started))
+  return subprocess.CompletedProcess(argv, code, out, err)
 
 
 # The mask kind runs end to end in experiments.gan_augment's test (tests/test_gan_augment.py).
