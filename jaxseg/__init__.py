@@ -6,6 +6,12 @@
 Training: `jaxseg.train.segmentation.train_and_evaluate(config, workdir)`.
 """
 
+from jaxseg import runtime
+
+# Before anything can start a backend: XLA reads XLA_FLAGS once, then (jaxseg/runtime.py).
+runtime.use_fast_cpu_kernels()
+
+# pylint: disable=wrong-import-position
 from jaxseg import backbones, data, losses, metrics, models, weights
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
