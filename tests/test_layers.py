@@ -1,6 +1,8 @@
 """Fast re-implementations of standard ops against the plain XLA op they replace: the same
 values and gradients (float32 rounding), so a model's results do not depend on which runs."""
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,40 @@ def test_conv_bn_act_keeps_nn_conv_parameters_for_depthwise_convs():
   conv = layers.DepthwiseConv(3, dilation=2, padding=2).apply(
       {"params": variables["params"]["conv"]}, x)
   np.testing.assert_allclose(conv, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("strides,padding,use_bias,dtype", [
+    (1, "SAME", True, None), (2, "SAME", False, None), (2, "VALID", False, None),
+    (1, [(0, 0), (0, 0)], True, jnp.bfloat16)])
+def test_pointwise_conv_is_nn_conv_with_gradients(strides, padding, use_bias, dtype):
+  """`layers.conv` makes plain 1x1 convs `PointwiseConv` (a matrix product): the same
+  parameters (names, shapes, initial values) and, to rounding, the same values and gradients
+  as the nn.Conv it replaces, strided ones included (odd map sizes)."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 9, 5))
+  kw = dict(use_bias=use_bias, dtype=dtype)
+  ours = layers.conv(6, (1, 1), strides, padding, **kw)
+  plain = nn.Conv(6, (1, 1), strides, padding, **kw)
+  assert isinstance(ours, layers.PointwiseConv)
+  params = plain.init(jax.random.key(1), x)["params"]
+  chex.assert_trees_all_equal(ours.init(jax.random.key(1), x)["params"], params)
+  if use_bias:  # a non-zero bias, so that its gradient and its place both show
+    params = {**params, "bias": jnp.arange(6.0)}
+  cotangent = jax.random.normal(jax.random.key(2), plain.apply({"params": params}, x).shape)
+
+  def run(module):
+    return jax.value_and_grad(lambda p, x: jnp.sum(
+        module.apply({"params": p}, x).astype(jnp.float32) * cotangent), (0, 1))(params, x)
+
+  tol = dict(rtol=2e-2, atol=5e-2) if dtype else dict(rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(run(ours), run(plain), **tol)
+
+
+def test_conv_keeps_nn_conv_where_a_1x1_has_more_to_it():
+  assert isinstance(layers.conv(4, (3, 3)), nn.Conv)
+  assert isinstance(layers.conv(4, (1, 1), padding=[(1, 1), (1, 1)]), nn.Conv)
+  assert isinstance(layers.conv(4, (1, 1), feature_group_count=2), nn.Conv)
+  assert isinstance(layers.conv(4, (1, 1), input_dilation=2), nn.Conv)
+  assert layers.conv(4, (1, 1), kernel_dilation=3, name="pw").name == "pw"
 
 
 @pytest.mark.parametrize("shape,size", [

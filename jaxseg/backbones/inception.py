@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxseg.errors import JaxsegError
 from jaxseg.layers import batch_norm, conv_kernel_init
+from jaxseg.layers import conv as conv_layer
 
 Dtype = Any
 
@@ -54,8 +55,8 @@ class InceptionV3(nn.Module):
     def conv(y, filters, kernel, strides=1, padding="SAME"):
       i = next(layer)
       suffix = f"_{i}" if i else ""
-      y = nn.Conv(filters, kernel, strides=strides, padding=padding, use_bias=False,
-                  kernel_init=conv_kernel_init, dtype=self.dtype, name=f"conv2d{suffix}")(y)
+      y = conv_layer(filters, kernel, strides=strides, padding=padding, use_bias=False,
+                     kernel_init=conv_kernel_init, dtype=self.dtype, name=f"conv2d{suffix}")(y)
       return nn.relu(bn(name=f"batch_normalization{suffix}")(y))
 
     max_pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2),

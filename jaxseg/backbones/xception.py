@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.layers import (ConvBNAct, DepthwiseConv, SeparableConvBNAct, batch_norm,
+from jaxseg.layers import (ConvBNAct, DepthwiseConv, SeparableConvBNAct, batch_norm, conv,
                            conv_kernel_init)
 from jaxseg.errors import JaxsegError
 
@@ -51,8 +51,8 @@ class KerasSeparableConv(nn.Module):
     # Stride 1 and an odd kernel: Keras's "same" is `dilation` pixels on every side.
     x = DepthwiseConv(3, dilation=self.dilation, padding=self.dilation, dtype=self.dtype,
                       name="depthwise")(x)
-    return nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=conv_kernel_init,
-                   dtype=self.dtype, name="pointwise")(x)
+    return conv(self.features, (1, 1), use_bias=False, kernel_init=conv_kernel_init,
+                dtype=self.dtype, name="pointwise")(x)
 
 
 class Xception(nn.Module):
@@ -75,8 +75,8 @@ class Xception(nn.Module):
     # average momentum 0.9: Keras's 0.99 averages over ~100 steps, and after a short run the
     # running statistics were so stale that val mIoU fell from 0.75 (batch statistics) to 0.21.
     bn = batch_norm(train, self.dtype, epsilon=self.bn_epsilon)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                             dtype=self.dtype)
+    conv2d = functools.partial(conv, use_bias=False, kernel_init=conv_kernel_init,
+                               dtype=self.dtype)
     reduction, dilation, projection = 2, 1, 0
 
     def sep_bn(y, features, name):
@@ -91,8 +91,8 @@ class Xception(nn.Module):
       stride = 2 if reduction * 2 <= self.output_stride else 1
       padding = "SAME" if self.pool_padding == "tf" else ((1, 1), (1, 1))
       y = nn.max_pool(y, (3, 3), strides=(stride, stride), padding=padding)
-      shortcut = conv(features, (1, 1), strides=stride, padding="SAME",
-                      name=f"conv2d{suffix}")(shortcut)
+      shortcut = conv2d(features, (1, 1), strides=stride, padding="SAME",
+                        name=f"conv2d{suffix}")(shortcut)
       shortcut = bn(name=f"batch_normalization{suffix}")(shortcut)
       if stride == 2:
         reduction *= 2
@@ -101,9 +101,9 @@ class Xception(nn.Module):
       return y + shortcut
 
     x = jnp.asarray(x, self.dtype)
-    x = conv(32, (3, 3), strides=2, padding="VALID", name="block1_conv1")(x)
+    x = conv2d(32, (3, 3), strides=2, padding="VALID", name="block1_conv1")(x)
     x = nn.relu(bn(name="block1_conv1_bn")(x))
-    x = conv(64, (3, 3), padding="VALID", name="block1_conv2")(x)
+    x = conv2d(64, (3, 3), padding="VALID", name="block1_conv2")(x)
     x = nn.relu(bn(name="block1_conv2_bn")(x))
     features = {"stem": x}
 
@@ -205,10 +205,10 @@ class Xception65(nn.Module):
   def __call__(self, x, *, train: bool):
     if self.output_stride not in (8, 16, 32):
       raise JaxsegError(f"output_stride must be 8, 16 or 32, got {self.output_stride}")
-    conv = functools.partial(ConvBNAct, bn_epsilon=XCEPTION65_BN_EPSILON, dtype=self.dtype)
+    conv_bn = functools.partial(ConvBNAct, bn_epsilon=XCEPTION65_BN_EPSILON, dtype=self.dtype)
     x = jnp.asarray(x, self.dtype)
-    x = conv(32, 3, 2, name="stem1")(x, train=train)
-    x = conv(64, 3, 1, name="stem2")(x, train=train)
+    x = conv_bn(32, 3, 2, name="stem1")(x, train=train)
+    x = conv_bn(64, 3, 1, name="stem2")(x, train=train)
     features, reduction, dilation = {}, 2, 1
     taps = iter(("stem", "stage1", "stage2", "stage3"))
     last = len(XCEPTION65_BLOCKS) - 1

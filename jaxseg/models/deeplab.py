@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.layers import ConvBNAct, SeparableConvBNAct, resize_bilinear
+from jaxseg.layers import ConvBNAct, SeparableConvBNAct, conv, resize_bilinear
 
 Dtype = Any
 
@@ -34,9 +34,9 @@ class ASPP(nn.Module):
   def __call__(self, x, *, train: bool):
     branches = [ConvBNAct(self.features, 1, dtype=self.dtype, name="conv1x1")(x, train=train)]
     for i, rate in enumerate(self.rates):
-      conv = SeparableConvBNAct if self.separable else ConvBNAct
-      branches.append(conv(self.features, 3, dilation=rate, dtype=self.dtype,
-                           name=f"atrous{i + 1}")(x, train=train))
+      block = SeparableConvBNAct if self.separable else ConvBNAct
+      branches.append(block(self.features, 3, dilation=rate, dtype=self.dtype,
+                            name=f"atrous{i + 1}")(x, train=train))
     # Image-level features: global average -> 1x1 conv -> BN -> ReLU, broadcast back (the
     # bilinear upsampling of a 1x1 map is a broadcast).
     pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
@@ -76,8 +76,8 @@ class DeepLabV3Plus(nn.Module):
         low, train=train)
     x = resize_bilinear(x, low.shape[1:3])
     x = jnp.concatenate([x, low], axis=-1)
-    conv = SeparableConvBNAct if self.separable else ConvBNAct
-    x = conv(self.decoder_features, 3, dtype=self.dtype, name="decoder1")(x, train=train)
-    x = conv(self.decoder_features, 3, dtype=self.dtype, name="decoder2")(x, train=train)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+    block = SeparableConvBNAct if self.separable else ConvBNAct
+    x = block(self.decoder_features, 3, dtype=self.dtype, name="decoder1")(x, train=train)
+    x = block(self.decoder_features, 3, dtype=self.dtype, name="decoder2")(x, train=train)
+    x = conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
     return resize_bilinear(x, images.shape[1:3])

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.layers import ConvBNAct, UpConv2x2, conv_kernel_init, upsample2x_bilinear
+from jaxseg.layers import ConvBNAct, UpConv2x2, conv, conv_kernel_init, upsample2x_bilinear
 
 Dtype = Any
 
@@ -67,16 +67,16 @@ class AttentionGate(nn.Module):
 
   @nn.compact
   def __call__(self, x, g, *, train: bool):
-    conv = functools.partial(nn.Conv, kernel_init=conv_kernel_init, dtype=self.dtype)
-    theta_x = conv(self.inter_features, (2, 2), strides=2, use_bias=False, name="theta_x")(x)
-    phi_g = conv(self.inter_features, (1, 1), name="phi_g")(g)
-    alpha = nn.sigmoid(conv(1, (1, 1), name="psi")(nn.relu(theta_x + phi_g)))
+    conv2d = functools.partial(conv, kernel_init=conv_kernel_init, dtype=self.dtype)
+    theta_x = conv2d(self.inter_features, (2, 2), strides=2, use_bias=False, name="theta_x")(x)
+    phi_g = conv2d(self.inter_features, (1, 1), name="phi_g")(g)
+    alpha = nn.sigmoid(conv2d(1, (1, 1), name="psi")(nn.relu(theta_x + phi_g)))
     alpha = upsample2x_bilinear(alpha)
     self.sow("intermediates", "attention", alpha[..., 0])
     y = x * alpha
     if self.batch_norm:
       return ConvBNAct(x.shape[-1], 1, act=None, dtype=self.dtype, name="out")(y, train=train)
-    return conv(x.shape[-1], (1, 1), name="out")(y)
+    return conv2d(x.shape[-1], (1, 1), name="out")(y)
 
 
 class UNet(nn.Module):
@@ -111,7 +111,7 @@ class UNet(nn.Module):
             skip, x, train=train)
       x = UpConv2x2(width, dtype=self.dtype, name=f"upconv{level}")(x)
       x = block(width, name=f"up{level}")(jnp.concatenate([skip, x], axis=-1), train=train)
-    x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
+    x = conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(x)
     return x[:, :size[0], :size[1]]
 
 
