@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxseg import norm
 from jaxseg.data import pipeline
 from jaxseg.data.synthetic import SyntheticShapes
 from jaxseg.errors import JaxsegError
@@ -48,7 +49,11 @@ def _processes(workdir, processes: int, devices: int, *, pause_at=None):
   """Starts the run as `processes` processes of `devices` CPU devices each; yields the Popens,
   all gone (with their grain workers) afterwards."""
   port = _free_port()
-  command, env = [sys.executable, "-m", "experiments.unet"], helpers.device_env(devices)
+  # BatchNorm's sums as plain reductions, as on GPU/TPU: CPU's dot sums split over each
+  # process's threads, and those rounding differences would blur what this compares (the
+  # data, sharding and collectives of 2 processes vs 1) from ~1e-7 to ~1e-4 (norm.sum_rows).
+  env = dict(helpers.device_env(devices), **{norm.DOT_SUMS: "0"})
+  command = [sys.executable, "-m", "experiments.unet"]
   if pause_at is not None:
     command, env = helpers.paused_at("experiments.unet", pause_at, f"{workdir}.paused", env)
   runs = []

@@ -51,13 +51,17 @@ def test_same_as_flax(dtype, use_scale, train):
     assert not np.allclose(updates["batch_stats"]["mean"], variables["batch_stats"]["mean"])
 
 
-def test_sums_are_dots_on_cpu():
-  """The point of the module: no reduction over the batch in the compiled train-mode step."""
+@pytest.mark.parametrize("dot_sums", ["1", "0"])
+def test_sums_are_dots_on_cpu(monkeypatch, dot_sums):
+  """The point of the module: no reduction over the batch in the train-mode step's program
+  (plain reductions with JAXSEG_CPU_DOT_SUMS=0)."""
+  monkeypatch.setenv(norm.DOT_SUMS, dot_sums)
   module = norm.BatchNorm()
   x = jnp.ones((2, 8, 8, 4))
   variables = module.init(jax.random.key(0), x)
   grad = jax.jit(jax.grad(lambda p: module.apply({**variables, "params": p}, x,
                                                   mutable=["batch_stats"])[0].sum()))
   hlo = grad.lower(variables["params"]).as_text()
-  assert "stablehlo.dot" in hlo or "dot_general" in hlo
-  assert "stablehlo.reduce" not in hlo.replace("stablehlo.reduce_precision", "")
+  dots = "stablehlo.dot" in hlo or "dot_general" in hlo
+  reductions = "stablehlo.reduce" in hlo.replace("stablehlo.reduce_precision", "")
+  assert (dots, reductions) == ((True, False) if dot_sums == "1" else (False, True))
