@@ -51,20 +51,24 @@ def jaxseg_config(name: str):
   return config
 
 
-def torch_step(model, size, batch_size: int, num_classes: int):
-  """A closure doing one train step of `model` on a fixed random batch: CE + Dice, AdamW."""
+def torch_step(model, size, batch_size: int, num_classes: int, device: str = "cpu",
+               autocast=None):
+  """A closure doing one train step of `model` on a fixed random batch: CE + Dice, AdamW;
+  the forward pass under `torch.autocast(dtype=autocast)` when given, the loss in float32."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   gen = torch.Generator().manual_seed(0)
   images = torch.randint(0, 256, (batch_size, 3, *size), generator=gen).float()
-  images = ((images - 127.5) / 64.0).contiguous(memory_format=torch.channels_last)
-  labels = torch.randint(0, num_classes, (batch_size, *size), generator=gen)
+  images = ((images - 127.5) / 64.0).contiguous(memory_format=torch.channels_last).to(device)
+  labels = torch.randint(0, num_classes, (batch_size, *size), generator=gen).to(device)
   model = model.to(memory_format=torch.channels_last).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
 
   def step():
     optimizer.zero_grad(set_to_none=True)
-    logits = model(images)
+    with torch.autocast(device, dtype=autocast or torch.float32, enabled=autocast is not None):
+      logits = model(images)
+    logits = logits.float()
     probabilities = logits.softmax(1)
     one_hot = F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
     intersection = (probabilities * one_hot).sum((0, 2, 3))
@@ -73,7 +77,7 @@ def torch_step(model, size, batch_size: int, num_classes: int):
     loss = F.cross_entropy(logits, labels, ignore_index=255) + dice.mean()
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
   return step
 
