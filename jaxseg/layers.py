@@ -102,6 +102,45 @@ def _depthwise_bwd(strides, dilation, padding, residuals, dy):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+class DilatedConv(nn.Module):
+  """A dilated k x k conv with the parameters of `nn.Conv(features, (k, k))` and symmetric
+  `padding`, leaving out the kernel rows and columns that only ever read padding: at output
+  stride 16 on small inputs, ASPP's rate-18 taps fall outside a 16x16 map, and all but the
+  centre are zeros times weights (exact; their gradients are zero either way)."""
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  dilation: int = 1
+  padding: int = 0
+  use_bias: bool = False
+  kernel_init: Callable = nn.linear.default_kernel_init
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    k, d, p, s = self.kernel_size, self.dilation, self.padding, self.strides
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pads = []
+    for axis, size in ((0, x.shape[1]), (1, x.shape[2])):
+      out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+      # Tap i reads input rows o * s - p + i * d for outputs o in [0, out).
+      used = [i for i in range(k) if i * d - p + (out - 1) * s >= 0 and i * d - p < size]
+      lo, hi = (used[0], used[-1] + 1) if used else (0, k)
+      low, high = p - lo * d, p - (k - hi) * d
+      if low < 0 or high < 0:  # keeping the taps is simpler than cropping the input
+        lo, hi, low, high = 0, k, p, p
+      kernel = jax.lax.slice_in_dim(kernel, lo, hi, axis=axis)
+      pads.append((low, high))
+    y = jax.lax.conv_general_dilated(x, kernel, (s, s), pads, rhs_dilation=(d, d),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + bias if bias is not None else y
+
+
 class PointwiseConv(nn.Module):
   """A 1x1 conv with the parameters of `nn.Conv(features, (1, 1))` ("kernel" (1, 1, C,
   features), optional "bias") as one matrix product over all pixels (a stride keeps every
@@ -194,6 +233,9 @@ class ConvBNAct(nn.Module):
     if self.groups > 1 and self.groups == x.shape[-1] == self.features:
       x = DepthwiseConv(k, self.strides, self.dilation, pad, self.use_bias, self.dtype,
                         name="conv")(x)
+    elif self.groups == 1 and self.dilation > 1 and k > 1:
+      x = DilatedConv(self.features, k, self.strides, self.dilation, pad, self.use_bias,
+                      conv_kernel_init, self.dtype, name="conv")(x)
     else:
       x = conv(self.features, (k, k), strides=self.strides, padding=[(pad, pad)] * 2,
                kernel_dilation=self.dilation, feature_group_count=self.groups,

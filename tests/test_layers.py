@@ -81,6 +81,35 @@ def test_pointwise_conv_is_nn_conv_with_gradients(strides, padding, use_bias, dt
   chex.assert_trees_all_close(run(ours), run(plain), **tol)
 
 
+@pytest.mark.parametrize("size,dilation,strides,cropped", [
+    (4, 12, 1, True),   # ASPP rate 12 past a 4x4 map: only the centre tap is left
+    (16, 18, 1, True),  # rate 18 at output stride 16 on a 256 px input
+    (16, 12, 1, False),  # every tap reads some pixel: nothing to leave out
+    (5, 6, 2, True),    # strided
+])
+def test_dilated_conv_is_nn_conv_with_gradients(size, dilation, strides, cropped):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  pad = dilation
+  plain = nn.Conv(5, (3, 3), strides, [(pad, pad)] * 2, kernel_dilation=dilation,
+                  use_bias=True, kernel_init=layers.conv_kernel_init)
+  ours = layers.DilatedConv(5, 3, strides, dilation, pad, use_bias=True,
+                            kernel_init=layers.conv_kernel_init)
+  params = plain.init(jax.random.key(1), x)["params"]
+  chex.assert_trees_all_equal(ours.init(jax.random.key(1), x)["params"], params)
+  params = {**params, "bias": jnp.arange(5.0)}
+  cotangent = jax.random.normal(jax.random.key(2), plain.apply({"params": params}, x).shape)
+
+  def run(module):
+    return jax.value_and_grad(lambda p, x: jnp.sum(module.apply({"params": p}, x) * cotangent),
+                              (0, 1))(params, x)
+
+  chex.assert_trees_all_close(run(ours), run(plain), rtol=1e-5, atol=1e-5)
+  jaxpr = jax.make_jaxpr(lambda x: ours.apply({"params": params}, x))(x)
+  kernel_hw = [e.invars[1].aval.shape[:2] for e in jaxpr.jaxpr.eqns
+               if e.primitive.name == "conv_general_dilated"]
+  assert (kernel_hw[0] != (3, 3)) == cropped
+
+
 def test_conv_keeps_nn_conv_where_a_1x1_has_more_to_it():
   assert isinstance(layers.conv(4, (3, 3)), nn.Conv)
   assert isinstance(layers.conv(4, (1, 1), padding=[(1, 1), (1, 1)]), nn.Conv)
