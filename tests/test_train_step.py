@@ -163,16 +163,33 @@ def test_the_step_communicates_by_all_reduce_of_each_gradient_once(eight):
   hlo = train_step.lower(state, sharding.put_batch(_batch(), mesh)).compile().as_text()
   for other in ("all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
     assert f" {other}(" not in hlo and f" {other}-start(" not in hlo, other
-  # Shapes as sorted sizes without unit axes: a 1x1 conv's (1, 1, C, F) gradient is reduced
-  # as the matrix product it comes from (layers.PointwiseConv), (C, F) or (F, C).
+  # Each weight's gradient in one all-reduce of its own: matched one to one, largest first.
+  # Shapes compare as sorted sizes without unit axes, since a 1x1 conv's (1, 1, C, F) gradient
+  # is reduced as the matrix product it comes from (layers.PointwiseConv), (C, F) or (F, C),
+  # and a dilated conv's only over the taps that read the image (layers.DilatedConv): a
+  # (kh, kw, C, F) kernel may be reduced as (a, b, C, F), a <= kh, b <= kw.
   squeeze = lambda shape: tuple(sorted(d for d in shape if d != 1))
   reduced = collections.Counter(squeeze(s) for s in _all_reduced_shapes(hlo))
-  kernels = collections.Counter(squeeze(x.shape) for x in jax.tree.leaves(state.params)
-                                if x.ndim >= 2)
-  assert {s: reduced[s] for s in kernels} == dict(kernels)
-  # Besides the gradients: per BatchNorm layer, its statistics forward and its scale and bias
-  # gradients (the sums its backward pass needs anyway) -- vectors, not copies of weights.
-  params = sum(x.size for x in jax.tree.leaves(state.params))
+
+  def forms(shape):
+    if len(shape) != 4:
+      return [squeeze(shape)]
+    return [squeeze((a, b, *shape[2:])) for a in range(shape[0], 0, -1)
+            for b in range(shape[1], 0, -1)]
+
+  left = reduced.copy()
+  matched = 0
+  for kernel in sorted((x.shape for x in jax.tree.leaves(state.params) if x.ndim >= 2),
+                       key=lambda shape: -int(np.prod(shape))):
+    form = next((f for f in forms(kernel) if left[f] > 0), None)
+    assert form is not None, f"no all-reduce for a gradient of shape {kernel}"
+    left[form] -= 1
+    matched += int(np.prod(form))
+  # The rest: per BatchNorm layer, its statistics forward and its scale and bias gradients
+  # (the sums its backward pass needs anyway), the biases and the loss -- vectors, not copies
+  # of weights.
+  vectors = sum(x.size for x in jax.tree.leaves(state.params) if x.ndim < 2)
   bn_channels = sum(x.size for x in jax.tree.leaves(state.batch_stats)) // 2
-  elements = sum(int(np.prod(s)) for s, n in reduced.items() for _ in range(n))
-  assert params <= elements <= params + 4 * bn_channels
+  rest = sum(int(np.prod(s)) * n for s, n in left.items())
+  assert all(len(s) <= 1 for s, n in left.items() if n), left
+  assert vectors <= rest <= vectors + 4 * bn_channels
