@@ -35,25 +35,29 @@ def batch_norm(train: bool, dtype: Dtype, momentum: float = 0.9, epsilon: float 
       dtype=dtype, **kw)
 
 
+def _image_taps(k: int, size: int, strides: int, dilation: int, padding: int):
+  """(output length, the taps along one axis through which some output reads a real pixel).
+  Tap i reads input o * strides - padding + i * dilation for outputs o in [0, out); the
+  others (a dilation wider than the map) only ever read padding and add zeros."""
+  out = (size + 2 * padding - dilation * (k - 1) - 1) // strides + 1
+  return out, [i for i in range(k) if i * dilation - padding + (out - 1) * strides >= 0
+               and i * dilation - padding < size]
+
+
 def _depthwise_taps(x_bhwc, k: int, strides: int, dilation: int, padding: int):
-  """[(i, j, slice of the padded input that tap (i, j) reads)], leaving out taps that only
-  ever read padding (a dilation wider than the map): they add zeros."""
+  """[(i, j, slice of the padded input that tap (i, j) reads)] over the taps that read the
+  image (`_image_taps`)."""
   b, h, w, c = x_bhwc.shape
-  out_h = (h + 2 * padding - dilation * (k - 1) - 1) // strides + 1
-  out_w = (w + 2 * padding - dilation * (k - 1) - 1) // strides + 1
+  out_h, rows = _image_taps(k, h, strides, dilation, padding)
+  out_w, cols = _image_taps(k, w, strides, dilation, padding)
   x = jnp.pad(x_bhwc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-
-  def reads_image(offset, size, out):  # some output reads a real pixel through this tap
-    return offset - padding + (out - 1) * strides >= 0 and offset - padding < size
-
   taps = []
-  for i in range(k):
-    for j in range(k):
-      if reads_image(i * dilation, h, out_h) and reads_image(j * dilation, w, out_w):
-        taps.append((i, j, jax.lax.slice(
-            x, (0, i * dilation, j * dilation, 0),
-            (b, i * dilation + (out_h - 1) * strides + 1,
-             j * dilation + (out_w - 1) * strides + 1, c), (1, strides, strides, 1))))
+  for i in rows:
+    for j in cols:
+      taps.append((i, j, jax.lax.slice(
+          x, (0, i * dilation, j * dilation, 0),
+          (b, i * dilation + (out_h - 1) * strides + 1,
+           j * dilation + (out_w - 1) * strides + 1, c), (1, strides, strides, 1))))
   return taps, (b, out_h, out_w, c)
 
 
@@ -127,9 +131,7 @@ class DilatedConv(nn.Module):
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     pads = []
     for axis, size in ((0, x.shape[1]), (1, x.shape[2])):
-      out = (size + 2 * p - d * (k - 1) - 1) // s + 1
-      # Tap i reads input rows o * s - p + i * d for outputs o in [0, out).
-      used = [i for i in range(k) if i * d - p + (out - 1) * s >= 0 and i * d - p < size]
+      used = _image_taps(k, size, s, d, p)[1]
       lo, hi = (used[0], used[-1] + 1) if used else (0, k)
       low, high = p - lo * d, p - (k - hi) * d
       if low < 0 or high < 0:  # keeping the taps is simpler than cropping the input

@@ -4,8 +4,8 @@ XLA:CPU's own kernels compute the filter gradient of a convolution several times
 the forward pass (a 3x3, 64-channel conv at 256x256: forward 125 ms, filter gradient 810 ms on
 2 cores), and 1x1 convolutions at about half of what the cores can do. XLA can hand dots, and
 the convolutions it rewrites to dots, to the YNNPACK library instead: the same filter gradient
-then takes 220 ms and a U-Net train step runs about 1.45x faster (benchmarks/RESULTS.md,
-"jaxseg vs PyTorch"). The flag that does this is `--xla_cpu_experimental_ynn_fusion_type`; its
+then takes 220 ms, and a U-Net train step went from 0.61 to 0.88 of PyTorch's speed
+(benchmarks/RESULTS.md, "jaxseg vs PyTorch"). The flag that does this is `--xla_cpu_experimental_ynn_fusion_type`; its
 default list is empty, so jaxseg adds `dot` to it.
 
 XLA reads XLA_FLAGS once, when the first backend starts, and aborts on a flag it does not know,
