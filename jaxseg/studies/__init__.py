@@ -1,0 +1,1 @@
+"""Studies: many runs orchestrated into one answer; the library never imports them."""
