@@ -110,7 +110,7 @@ def _peak_rss() -> int:
 def compare(name: str, size, batch_size: int, steps: int) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   config = jaxseg_config(name)
-  jax_step, state, batch = train_step.build(config, size, batch_size, NUM_CLASSES)
+  jax_step, state, batch = train_step.step_setup(config, size, batch_size, NUM_CLASSES)
   compiled, stats = xla_stats.compile_with_stats(jax_step, state, batch)
   jax_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
   model = torch_models.build(name, NUM_CLASSES)

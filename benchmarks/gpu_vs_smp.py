@@ -52,7 +52,7 @@ def jaxseg_step(size, batch_size: int):
   config = deeplab_config.get_config()
   config.model.backbone = "resnet101"
   config.model.dtype = "bfloat16"
-  step, state, batch = train_step.build(config, size, batch_size, NUM_CLASSES)
+  step, state, batch = train_step.step_setup(config, size, batch_size, NUM_CLASSES)
   compiled, stats = xla_stats.compile_with_stats(step, state, batch)
   params = int(sum(x.size for x in jax.tree.leaves(state.params)))
   holder = {"state": state}

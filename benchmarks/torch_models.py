@@ -277,7 +277,7 @@ def jaxseg_model(name: str, num_classes: int):
   from experiments.configs import deeplab as deeplab_config
   from experiments.configs import unet as unet_config
   from jaxseg.models import create_model
-  from jaxseg.train import segmentation
+  from jaxseg.train import build
 
   if name in UNETS:
     config = unet_config.get_config()
@@ -286,7 +286,7 @@ def jaxseg_model(name: str, num_classes: int):
     config = deeplab_config.get_config()
     config.model.backbone, config.model.separable = DEEPLABS[name]
   return create_model(config.model.name, num_classes=num_classes,
-                      backbone=config.model.backbone, **segmentation.model_kwargs(config))
+                      backbone=config.model.backbone, **build.model_kwargs(config))
 
 
 def main(num_classes: int = 19, size: int = 64) -> int:

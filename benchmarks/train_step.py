@@ -20,22 +20,21 @@ import numpy as np
 
 from experiments.configs import deeplab as deeplab_config
 from jaxseg.models import create_model
-from jaxseg.train import segmentation, sharding, xla_stats
+from jaxseg.train import build, segmentation, sharding, xla_stats
 
 
-def build(config, size, batch_size: int, num_classes: int = 19):
+def step_setup(config, size, batch_size: int, num_classes: int = 19):
   """(jitted train step, initial state, a random uint8 batch) of `config`'s model and recipe
   (loss, optimizer) on the default mesh."""
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh)
-  compute = segmentation.compute_dtype(config.model.dtype)
+  compute = build.compute_dtype(config.model.dtype)
   model = create_model(config.model.name, num_classes=num_classes,
                        backbone=config.model.get("backbone"), dtype=compute,
-                       **segmentation.model_kwargs(config))
-  state, state_sharding, schedule = segmentation.create_train_state(
-      config, model, mesh, (*size, 3), steps=1000)
-  train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, schedule,
-                                         num_classes, 255)
+                       **build.model_kwargs(config))
+  config.train.steps = 1000
+  state, state_sharding = segmentation.create_train_state(config, model, mesh, (*size, 3))
+  train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, num_classes, 255)
   rng = np.random.default_rng(0)
   batch = sharding.put_batch({
       "image": rng.integers(0, 256, (batch_size, *size, 3), dtype=np.uint8),
@@ -51,8 +50,8 @@ def measure(model_name: str = "deeplabv3plus", backbone: str = "resnet101", size
   config = deeplab_config.get_config()
   config.model.name, config.model.backbone, config.model.dtype = model_name, backbone, dtype
   config.model.output_stride, config.model.separable = output_stride, separable
-  compute = segmentation.compute_dtype(dtype)
-  train_step, state, batch = build(config, size, batch_size, num_classes)
+  compute = build.compute_dtype(dtype)
+  train_step, state, batch = step_setup(config, size, batch_size, num_classes)
 
   t = time.perf_counter()
   compiled, stats = xla_stats.compile_with_stats(train_step, state, batch)

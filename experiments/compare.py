@@ -12,7 +12,7 @@ from absl import flags
 
 from experiments import launch
 from experiments.configs import compare as compare_config
-from jaxseg.train import compare
+from jaxseg.studies import compare
 
 _BUDGET = flags.DEFINE_string("budget", None, "Training budget per model: steps (300) or "
                               "epochs (2epochs) of the global batch (default: the dataset's "

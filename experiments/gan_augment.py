@@ -12,7 +12,7 @@ import json
 
 from experiments import launch
 from experiments.configs import gan_augment as gan_augment_config
-from jaxseg.train import gan_augment
+from jaxseg.studies import gan_augment
 
 _DATA = launch.DataFlags("runs/gan_augment_DATASET")
 _CONFIG = launch.define_config("config", gan_augment_config.get_config(),

@@ -144,7 +144,8 @@ def report(summary: dict, workdir: str, pictures: Sequence[str] = ("predictions.
   """The one-line JSON result and where the outputs are."""
   keys = ("miou", "pixel_accuracy", "mean_dice", "steps", "train_seconds", "images_per_second")
   print(json.dumps({k: summary[k] for k in keys}))
-  print(f"wrote {workdir}/summary.json, {', '.join(pictures)}, metrics.jsonl, checkpoints/")
+  drawn = [p for p in pictures if os.path.exists(os.path.join(workdir, p))]  # 0 examples: none
+  print(f"wrote {workdir}/summary.json, {', '.join([*drawn, 'metrics.jsonl', 'checkpoints/'])}")
 
 
 def run(main: Callable[..., None], positional: bool = False) -> None:
@@ -179,6 +180,8 @@ def run(main: Callable[..., None], positional: bool = False) -> None:
       sys.exit(f"error: {e}")
     except distributed.Preempted as e:  # a checkpoint was saved: the scheduler may restart us
       print(e)
+      if e.exit_code:
+        sys.exit(e.exit_code)
 
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   app.run(_main, flags_parser=_parse_flags)

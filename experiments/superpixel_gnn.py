@@ -10,6 +10,7 @@ running it again resumes from WORKDIR.
 
 from experiments import launch
 from experiments.configs import superpixel_gnn as gnn_config
+from jaxseg.runs import load_run
 from jaxseg.train import graph
 
 _DATA = launch.DataFlags("runs/superpixel_gnn_DATASET")
@@ -21,7 +22,9 @@ def main():
   config = _CONFIG.value
   _DATA.apply(config)
   workdir = _DATA.workdir.value or f"runs/superpixel_gnn_{config.data.name}"
-  summary = graph.train_and_evaluate(config, workdir)
+  cnn = (load_run(config.hybrid.cnn_workdir, "config.hybrid.cnn_workdir")
+         if config.hybrid.cnn_workdir else None)
+  summary = graph.train_and_evaluate(config, workdir, cnn=cnn)
   launch.report(summary, workdir)
   print(f"superpixel oracle mIoU {summary['oracle_miou']:.3f} (the bound for any superpixel "
         f"labelling), model {summary['miou']:.3f}")

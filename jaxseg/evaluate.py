@@ -1,6 +1,6 @@
 """Evaluating trained runs and ensembles of them on a dataset split (mmsegmentation's test).
 
-    run = jaxseg.train.runs.load_run("runs/deeplab_resnet101_camvid")
+    run = jaxseg.runs.load_run("runs/deeplab_resnet101_camvid")
     result = evaluate(run, source, tta=DEFAULT_TTA, window=(360, 480))
     write_report("runs/deeplab_resnet101_camvid", result, run.classes)
 
@@ -13,7 +13,6 @@ A model here is anything with `num_classes`, `classes` and `probabilities(images
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -23,11 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from PIL import Image
+
 from jaxseg import metrics, visualize
 from jaxseg.data import from_config, pipeline
+from jaxseg.data.files import BadExample, read_image
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import NO_TTA, TTA
+from jaxseg.runs import load_run
 from jaxseg.train import sharding
+from jaxseg.train.evaluation import confusion_over
+from jaxseg.train.workdir import Lock, check_not_locked, ensure_writable, write_json
 
 
 class Ensemble:
@@ -94,42 +99,6 @@ def _confusion_fn(num_classes: int, ignore_index: int):
   return count
 
 
-def confusion_over(eval_step, state, source, mesh, batch_size, num_classes, validate,
-                   num_examples=None, keep=0, operations=(), skip_log=None, desc=None):
-  """Confusion matrix over the split (summed in int64) and `keep` predictions spread evenly
-  over this process's examples (consecutive video frames would show one scene `keep` times).
-
-  `eval_step(state, batch) -> (int confusion (K, K), predictions (B, H, W))` sees global
-  batches of `batch_size` sharded over `mesh`; `desc` shows a progress bar.
-  """
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  kept = {"image": [], "label": [], "prediction": []}
-  local = batch_size // jax.process_count()
-  n = len(source) if num_examples is None else min(num_examples, len(source))
-  mine = range(jax.process_index(), n, jax.process_count())  # eval_batches' share
-  wanted = {mine[i * len(mine) // keep] for i in range(keep)} if keep and len(mine) else set()
-  bar = tqdm.tqdm(total=len(mine), desc=desc, unit="image", dynamic_ncols=True,
-                  mininterval=1.0, disable=desc is None or jax.process_index() != 0)
-  for batch in pipeline.eval_batches(source, local, num_examples, validate,
-                                     jax.process_index(), jax.process_count(), operations,
-                                     skip_log):
-    index = batch.pop("index")
-    cm, predictions = eval_step(state, sharding.put_batch(batch, mesh))
-    confusion += np.asarray(jax.device_get(cm), np.int64)
-    bar.update(int((index >= 0).sum()))
-    rows = [i for i in range(local) if index[i] in wanted]
-    if rows and len(kept["image"]) < keep:
-      # This process's rows only: the global array spans every host's batch.
-      shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
-      predictions = np.concatenate([np.asarray(s.data) for s in shards])
-      for i in rows[:keep - len(kept["image"])]:
-        kept["image"].append(batch["image"][i])
-        kept["label"].append(batch["label"][i])
-        kept["prediction"].append(predictions[i])
-  bar.close()
-  return confusion, kept
-
-
 def evaluate(model, source, *, batch_size: int = 8, tta: TTA = NO_TTA,
              window: tuple[int, int] | None = None, num_examples: int | None = None,
              operations: Sequence = (), keep: int = 6, desc: str | None = "evaluate",
@@ -180,10 +149,7 @@ def write_report(out_dir: str, result: Result, classes, *, title: str | None = N
             **result.settings, "confusion": result.confusion.tolist()}
   if jax.process_index() != 0:
     return report
-  tmp = os.path.join(out_dir, "eval.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, "eval.json"))
+  write_json(os.path.join(out_dir, "eval.json"), report, indent=1)
   title = title or f"{result.settings['model']} (mIoU {metrics.fmt_score(s['miou'])})"
   visualize.confusion_heatmap(os.path.join(out_dir, "confusion.png"), result.confusion,
                               classes.names, title=title)
@@ -212,7 +178,6 @@ def throughput(model, image_shape, *, batch_size: int = 8, repeats: int = 3,
 
 def load_model(workdirs: Sequence[str], weights: Sequence[float] | None = None):
   """One run, or the ensemble of several (equal weights unless given)."""
-  from jaxseg.train.runs import load_run  # pylint: disable=g-import-not-at-top
   runs = [load_run(w) for w in workdirs]
   if len(runs) == 1 and weights is None:
     return runs[0]
@@ -267,6 +232,20 @@ def run_evaluation(workdirs: Sequence[str], *, weights=None, out_dir: str | None
     if len(workdirs) > 1:
       raise JaxsegError("--out: an ensemble of several runs needs an output directory")
     out_dir = workdirs[0]
+  flag = "out" if out_dir != workdirs[0] else "workdir"
+  # Checked before anything is computed; held while the report is written, so that a
+  # training run cannot write into the same directory meanwhile (nor this into its).
+  lock = Lock(ensure_writable(out_dir, flag), "evaluation", flag).acquire()
+  try:
+    return _run_evaluation(workdirs, lock.path, weights=weights, dataset=dataset,
+                           data_dir=data_dir, split=split, tta=tta, window=window,
+                           batch_size=batch_size, num_examples=num_examples, keep=keep)
+  finally:
+    lock.release()
+
+
+def _run_evaluation(workdirs, out_dir, *, weights, dataset, data_dir, split, tta, window,
+                    batch_size, num_examples, keep) -> tuple[Result, dict]:
   model = load_model(workdirs, weights)
   first = model.members[0] if isinstance(model, Ensemble) else model
   source, default_window, operations = eval_source(first.config, dataset=dataset,
@@ -288,20 +267,21 @@ def export_predictions(model, paths: Sequence[str], *, out_dir: str | None = Non
   NAME_overlay.png (the mask blended over the image). Returns the paths written.
 
   `window` "default" is the sliding window the run's dataset is evaluated with (or None)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from jaxseg.data.files import BadExample, read_image  # pylint: disable=g-import-not-at-top
   if not paths:
     raise JaxsegError("no images given: python -m experiments.predict --workdir=RUN IMAGE...")
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
     raise JaxsegError(f"{missing[0]}: no such image file")
+  # Every output folder is checked before anything is computed.
+  folders = {out_dir} if out_dir else {os.path.dirname(os.path.abspath(p)) for p in paths}
+  for folder in sorted(folders):
+    ensure_writable(folder, "out_dir" if out_dir else "out_dir (default: beside each image)")
+    check_not_locked(folder, "out_dir")
   if model.num_classes > 256:
     raise JaxsegError(f"{model.num_classes} classes do not fit an 8-bit label PNG")
   if window == "default":
     first = model.members[0] if isinstance(model, Ensemble) else model
     window = from_config.eval_settings(first.config, model.classes.ignore_index)[0]
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
   written = []
   palette = model.classes.palette
   for path in tqdm.tqdm(paths, desc="predict", unit="image", dynamic_ncols=True,

@@ -22,52 +22,19 @@ import ml_collections
 import numpy as np
 
 from jaxseg import inference, weights
+from jaxseg.data import from_config, graph_data, superpixels as sp
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import NO_TTA, TTA
-from jaxseg.models import create_model
-from jaxseg.train import sharding, xla_stats
-from jaxseg.train.checkpoint import Checkpointer, param_shapes
-
-CLASSES_FILE = "classes.json"
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Classes:
-  """What a run predicts: class names, their colours and the label value that means 'void'."""
-  names: tuple[str, ...]
-  palette: np.ndarray  # uint8 (K, 3)
-  ignore_index: int = 255
-  dataset: str = ""
-
-  @classmethod
-  def of(cls, source, dataset: str = "") -> "Classes":
-    return cls(tuple(source.class_names), np.asarray(source.palette, np.uint8),
-               int(source.ignore_index), dataset)
-
-
-def save_classes(workdir: str, source, dataset: str) -> None:
-  """WORKDIR/classes.json: what prediction needs without the dataset on disk."""
-  if jax.process_index() != 0:
-    return
-  c = Classes.of(source, dataset)
-  tmp = os.path.join(workdir, CLASSES_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"class_names": list(c.names), "palette": c.palette.tolist(),
-               "ignore_index": c.ignore_index, "dataset": dataset}, f, indent=1)
-  os.replace(tmp, os.path.join(workdir, CLASSES_FILE))
+from jaxseg.train import build, sharding, xla_stats
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, restore_latest_state
+from jaxseg.train.workdir import Classes
 
 
 def _load_classes(workdir: str, config) -> Classes:
   """classes.json, or (runs trained before it was written) the classes of the run's dataset."""
-  path = os.path.join(workdir, CLASSES_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      c = json.load(f)
-    return Classes(tuple(c["class_names"]), np.asarray(c["palette"], np.uint8),
-                   int(c["ignore_index"]), c.get("dataset", ""))
-  from jaxseg.data import from_config  # pylint: disable=g-import-not-at-top
-  return Classes.of(from_config.make_source(config, config.data.val_split), config.data.name)
+  return Classes.read(workdir) or Classes.of(
+      from_config.make_source(config, config.data.val_split), config.data.name)
 
 
 @dataclasses.dataclass
@@ -137,7 +104,6 @@ class GraphRun:
     return "superpixel_gnn" + (f" (hybrid on {self.cnn.name})" if self.cnn else "")
 
   def _graphs(self, images: np.ndarray):
-    from jaxseg.data import graph_data, superpixels as sp  # pylint: disable=g-import-not-at-top
     segments = self.superpixels(list(images))
     extra = None if self.cnn is None else np.asarray(self.cnn.probabilities(images))
     graphs = []
@@ -190,65 +156,65 @@ def _read_config(workdir: str, flag: str) -> ml_collections.ConfigDict:
 
 
 def _restore(workdir: str, flag: str, build_state: Callable):
-  """(state, step, identity) of the latest checkpoint; `build_state(num_classes)` makes the
-  abstract train state to restore into."""
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), {}, async_save=False)
+  """(state, step, identity) of the newest intact checkpoint; `build_state(num_classes)` gives
+  the abstract train state (shapes, dtypes and shardings: nothing is computed or compiled)
+  that it is restored into."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):  # (Orbax's manager would create it)
+    raise JaxsegError(f"--{flag}={workdir}: no checkpoint in {os.path.abspath(directory)}")
+  ckpt = Checkpointer(directory, {}, async_save=False)
   try:
-    step = ckpt.latest_step()
-    if step is None:
+    if ckpt.latest_step() is None:
       raise JaxsegError(f"--{flag}={workdir}: no checkpoint in {ckpt.directory}")
+
+    def abstract(identity):  # of the step restored: a damaged newest one is passed over
+      state = build_state(identity["num_classes"])
+      ckpt.identity = {**identity, "params": param_shapes(state.params)}
+      return state
+
+    state, step = restore_latest_state(ckpt, abstract)
     identity = ckpt.saved_identity(step)
-    state = build_state(identity["num_classes"])
-    ckpt.identity = {**identity, "params": param_shapes(state.params)}
-    state = ckpt.restore_state(step, state)
   finally:
     ckpt.close()
   return state, step, identity
 
 
 def load_run(workdir: str, flag: str = "workdir") -> Run | GraphRun:
-  """The model of run `workdir` with its latest checkpoint; one-line errors name `--flag`."""
+  """The model of run `workdir` with its newest intact checkpoint; one-line errors name
+  `--flag`."""
   config = _read_config(workdir, flag)
   if config.model.name == "superpixel_gnn":
     return _load_graph_run(workdir, flag, config)
-  from jaxseg.train import segmentation  # pylint: disable=g-import-not-at-top
-  made = {}
+  mesh = sharding.make_mesh()
+  model = {}
 
   def build_state(num_classes):
-    dtype = segmentation.compute_dtype(config.model.dtype)
-    made["model"] = create_model(config.model.name, num_classes=num_classes,
-                                 backbone=config.model.get("backbone"), dtype=dtype,
-                                 **segmentation.model_kwargs(config))
-    return segmentation.create_train_state(config, made["model"], sharding.make_mesh(),
-                                           (64, 64, 3), config.train.steps)[0]
+    model["cnn"] = build.segmentation_model(config, num_classes)
+    init = build.segmentation_init(config, model["cnn"], (64, 64, 3))
+    return build.abstract_state(init, config.train.seed, mesh)
 
   state, step, identity = _restore(workdir, flag, build_state)
   spec = identity.get("preprocessing", "imagenet")
   preprocess = make_normalize() if spec == "imagenet" else weights.make_preprocess(spec)
-  return Run(config, made["model"], {"params": state.params, "batch_stats": state.batch_stats},
+  return Run(config, model["cnn"], {"params": state.params, "batch_stats": state.batch_stats},
              preprocess, identity["num_classes"], step, _load_classes(workdir, config),
              os.path.abspath(workdir))
 
 
 def _load_graph_run(workdir: str, flag: str, config) -> GraphRun:
-  from jaxseg.data import superpixels as sp  # pylint: disable=g-import-not-at-top
-  from jaxseg.train import graph  # pylint: disable=g-import-not-at-top
   cnn = None
   if config.hybrid.cnn_workdir:
     cnn = load_run(config.hybrid.cnn_workdir, f"{flag} (its config.hybrid.cnn_workdir)")
-  made = {}
+  mesh = sharding.make_mesh()
+  model = {}
 
   def build_state(num_classes):
-    made["model"] = graph.make_model(config, num_classes, graph.compute_dtype(config.model.dtype))
-    # Any graph has the node and edge feature widths the parameters depend on.
-    segments = np.repeat(np.arange(2, dtype=np.int32), 4)[None].repeat(4, 0)
-    g = sp.region_graph(segments, np.full((4, 8, 3), 128, np.uint8), num_classes=num_classes)
-    if cnn is not None:
-      g.nodes = np.concatenate([g.nodes, np.zeros((2, num_classes), np.float32)], -1)
-    example = sp.batch_graphs([g], max_nodes=4, max_edges=max(len(g.senders), 1))
-    return graph.create_state(config, made["model"], example, sharding.make_mesh())[0]
+    model["gnn"] = build.gnn_model(config, num_classes)
+    example = build.example_graph(num_classes, num_classes if cnn is not None else 0)
+    return build.abstract_state(build.gnn_init(config, model["gnn"], example),
+                                config.train.seed, mesh)
 
   state, step, identity = _restore(workdir, flag, build_state)
-  return GraphRun(config, made["model"], state.params, graph.superpixels_of(config),
+  return GraphRun(config, model["gnn"], state.params, build.superpixels(config),
                   identity["num_classes"], step, _load_classes(workdir, config), cnn,
                   os.path.abspath(workdir))

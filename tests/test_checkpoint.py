@@ -132,7 +132,7 @@ def test_checkpoint_of_another_model_is_refused_and_left_untouched(uninterrupted
   config = helpers.tiny_config(steps=STEPS, **{**DATA, "optim.name": "sgd"})
   with pytest.raises(JaxsegError, match=r"written with another optimizer state"):
     segmentation.train_and_evaluate(config, str(uninterrupted))
-  config = helpers.tiny_config(steps=STEPS, **{**DATA, "data.skip_bad_examples": True})
+  config = helpers.tiny_config(steps=STEPS, **{**DATA, "data.num_train_examples": 50})
   with pytest.raises(JaxsegError, match=r"written with another training data"):
     segmentation.train_and_evaluate(config, str(uninterrupted))
   config = helpers.tiny_config(steps=STEPS, **DATA)

@@ -1,5 +1,5 @@
 """`python -m experiments.compare` on a tiny budget end to end, its resumption, and the budget
-and model selection rules (jaxseg.train.compare)."""
+and model selection rules (jaxseg.studies.compare)."""
 
 import json
 import pathlib
@@ -10,7 +10,7 @@ import pytest
 
 from experiments.configs import compare as compare_config
 from jaxseg.errors import JaxsegError
-from jaxseg.train import compare
+from jaxseg.studies import compare
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ from jaxseg import evaluate, visualize
 from jaxseg.data import SyntheticShapes
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import TTA
-from jaxseg.train import runs, segmentation
+from jaxseg import runs
+from jaxseg.train import segmentation
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -81,14 +81,17 @@ def test_two_steps_end_to_end_writes_every_output(tmp_path):
      "error: --config.data.crop_size=(1, 2, 3) must be two numbers"),
     (["--config.train.stepz=3"], "error: unknown config key --config.train.stepz; valid keys "
                                  "under train: batch_size,"),
-    (["--config.model.dtype=float16"], "error: unknown --config.model.dtype='float16'; valid "
-                                       "choices: auto, float32, bfloat16"),
+    (["--config.model.dtype=float16"], "error: --config.model.dtype='float16' is not one of: "
+                                       "auto, float32, bfloat16"),
     (["--config.train.batch_size=3"], "error: --config.train.batch_size=3 is not divisible by "
                                       "the 2 devices"),
-    (["--config.train.checkpoint_every=0"], "error: --config.train.checkpoint_every=0 must be at "
-                                            "least 1"),
+    (["--config.train.checkpoint_every=0"], "error: --config.train.checkpoint_every=0 must be a "
+                                            "whole number >= 1"),
     (["--config.model.output_stride=4", "--backbone=resnet50", "--config.data.image_size=32"],
-     "error: output_stride must be 8, 16 or 32, got 4"),
+     "error: --config.model.output_stride=4 is not one of: 8, 16, 32"),
+    (["--config.optim.name=adam"], "error: --config.optim.name='adam' is not one of: sgd, adamw"),
+    (["--config.optim.learning_rate=nan"],
+     "error: --config.optim.learning_rate=nan must be a finite number > 0"),
     (["--config.data.preset=easy"], "error: unknown preset 'easy'; valid presets: default, hard"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):

@@ -11,7 +11,8 @@ import pytest
 
 from jaxseg.data import SyntheticShapes, generated
 from jaxseg.errors import JaxsegError
-from jaxseg.train import gan_augment, gan_loop
+from jaxseg.studies import gan_augment
+from jaxseg.train import gan_loop
 from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import superpixel_gnn as gnn_config
-from jaxseg import evaluate, metrics
+from jaxseg import evaluate, metrics, runs
 from jaxseg.data import from_config, graph_data, superpixels as sp
-from jaxseg.train import distributed, graph, optim, sharding
+from jaxseg.train import distributed, graph, optim, segmentation, sharding
 from jaxseg.train.state import TrainState
 from jaxseg.models.superpixel_gnn import SuperpixelGNN
 from tests import helpers
@@ -165,7 +165,6 @@ def test_sigterm_then_resume_gives_the_same_run_and_reuses_the_graphs(tmp_path, 
 
 
 def test_hybrid_adds_the_cnn_probabilities_to_the_node_features(tmp_path):
-  from jaxseg.train import runs, segmentation  # pylint: disable=g-import-not-at-top
   cnn = helpers.tiny_config(steps=2)
   cnn_summary = segmentation.train_and_evaluate(cnn, str(tmp_path / "cnn"))
   run = runs.load_run(str(tmp_path / "cnn"))
@@ -177,7 +176,7 @@ def test_hybrid_adds_the_cnn_probabilities_to_the_node_features(tmp_path):
   assert metrics.summarize(confusion)["miou"] == pytest.approx(cnn_summary["miou"], abs=1e-6)
 
   gnn = _config(2, hybrid__cnn_workdir=str(tmp_path / "cnn"))
-  summary = graph.train_and_evaluate(gnn, str(tmp_path / "gnn"))
+  summary = graph.train_and_evaluate(gnn, str(tmp_path / "gnn"), cnn=run)
   assert summary["hybrid"]["model"] == "deeplabv3plus/tiny_resnet"
   # Restored as a pixel classifier (its CNN too), the GNN paints the same pixels as the
   # training loop's node-histogram evaluation.
@@ -218,9 +217,9 @@ def test_experiment_on_camvid_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config.model.layer=gin"],
-     "error: unknown --config.model.layer='gin'; valid choices: graph_network, gat, gcn"),
+     "error: --config.model.layer='gin' is not one of: graph_network, gat, gcn"),
     (["--config.superpixels.method=felzenszwalb"],
-     "error: unknown superpixels.method='felzenszwalb'; valid choices: jax, skimage"),
+     "error: --config.superpixels.method='felzenszwalb' is not one of: jax, skimage"),
     (["--config.hybrid.cnn_workdir=/nowhere"],
      "error: --config.hybrid.cnn_workdir=/nowhere: no config.json there (is it the workdir of "
      "a segmentation run?)"),

@@ -12,7 +12,8 @@ from jaxseg import inference
 from jaxseg.evaluate import Ensemble
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
-from jaxseg.train.runs import Classes, Run
+from jaxseg.runs import Run
+from jaxseg.train.workdir import Classes
 
 
 @pytest.mark.parametrize("size, window", [(10, 4), (9, 9), (7, 10), (20, 6)])

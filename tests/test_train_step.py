@@ -12,7 +12,7 @@ import pytest
 from jaxseg.data import pipeline
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
-from jaxseg.train import segmentation, sharding
+from jaxseg.train import build, segmentation, sharding
 from tests import helpers
 
 
@@ -20,10 +20,10 @@ def _setup(devices, **overrides):
   config = helpers.tiny_config(**overrides)
   mesh = sharding.make_mesh(devices)
   model = create_model("deeplabv3plus", num_classes=5, backbone=config.model.backbone,
-                       **segmentation.model_kwargs(config))
-  state, state_sharding, schedule = segmentation.create_train_state(
-      config, model, mesh, (32, 32, 3), config.train.steps)
-  train_step, eval_step = segmentation.jit_steps(config, mesh, state_sharding, schedule, 5, 255)
+                       **build.model_kwargs(config))
+  state, state_sharding = segmentation.create_train_state(
+      config, model, mesh, (32, 32, 3))
+  train_step, eval_step = segmentation.jit_steps(config, mesh, state_sharding, 5, 255)
   return mesh, state, train_step, eval_step
 
 

@@ -14,7 +14,7 @@ from jaxseg import losses
 from jaxseg.backbones import ResNet50
 from jaxseg.layers import UpConv2x2, upsample2x_bilinear
 from jaxseg.models import create_model
-from jaxseg.train import segmentation, sharding
+from jaxseg.train import build, segmentation, sharding
 from jaxseg.train.checkpoint import param_shapes
 from tests import helpers
 
@@ -145,11 +145,11 @@ def _setup(devices, name):
                                   "optim.weight_decay": 0.0})
   config.model = ml_collections.ConfigDict({"name": name, "dtype": "float32", **TINY[name]})
   mesh = sharding.make_mesh(devices)
-  model = create_model(name, num_classes=5, **segmentation.model_kwargs(config),
+  model = create_model(name, num_classes=5, **build.model_kwargs(config),
                        backbone=TINY[name].get("backbone"))
-  state, state_sharding, schedule = segmentation.create_train_state(
-      config, model, mesh, (32, 32, 3), config.train.steps)
-  train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, schedule, 5, 255)
+  state, state_sharding = segmentation.create_train_state(
+      config, model, mesh, (32, 32, 3))
+  train_step, _ = segmentation.jit_steps(config, mesh, state_sharding, 5, 255)
   return mesh, state, train_step
 
 

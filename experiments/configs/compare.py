@@ -12,7 +12,7 @@ epoch, parameters, GFLOPs per image, images/s and peak memory. More:
 `data.*` and the `train.*` keys below are shared by every model; `models.NAME` is that model's
 own experiment config (its optimizer and architecture), e.g.
 `--config.models.deeplab_xception.model.backbone=xception`. Unset keys take the dataset's
-preset (jaxseg.train.compare.PRESETS).
+preset (jaxseg.studies.compare.PRESETS).
 """
 
 import ml_collections
@@ -38,11 +38,13 @@ def _deeplab(backbone):
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.data = common.base_config().data
+  config.data = common.data_section(image_pipeline=True)
   # The first N train examples for every model (the synthetic split is procedural: its preset
   # takes 1000, which is also what "an epoch" means there); 0: the whole split.
   config.data.num_train_examples = common.placeholder(int)
 
+  # The train.* keys every model shares (jaxseg.studies.compare.SHARED_TRAIN_KEYS): they
+  # replace its own; its other train.* keys stay its experiment's.
   config.train = ml_collections.ConfigDict()
   config.train.steps = common.placeholder(int)  # the budget (--budget); unset: the preset's
   config.train.batch_size = 8

@@ -21,7 +21,12 @@ from experiments.configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = common.base_config()
+  config = ml_collections.ConfigDict()
+  config.data = common.data_section(image_pipeline=True)
+  config.train = common.train_section(val_metrics=True)
+  config.train.loss = common.segmentation_loss_weights()
+  config.optim = common.optim_section(backbone=True)
+
   config.model = ml_collections.ConfigDict()
   config.model.name = "deeplabv3plus"
   config.model.backbone = "resnet101"  # set by --backbone

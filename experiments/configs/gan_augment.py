@@ -23,7 +23,7 @@ from experiments.configs import unet as unet_config
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.data = common.base_config().data
+  config.data = common.data_section(image_pipeline=True)
   config.data.num_train_examples = 200  # real train images (0: the whole split)
   config.data.image_size = 32  # synthetic; other datasets: data.crop_size sets the pair size
   # A quarter of the real+generated arm's examples are generated pairs, the rest real: the
@@ -31,8 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   # real image, which with these defaults makes 80% of the examples generated).
   config.data.extra_train_fraction = 0.25
 
-  config.gan = sagan_config.get_config()
-  del config.gan.data
+  config.gan = sagan_config.get_config(data=False)
   config.gan.model.kind = "mask"
   # pix2pixHD's discriminator-feature matching (weight 10) steadies the conditional GAN.
   config.gan.train.feature_matching = 10.0
@@ -45,8 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.gan.train.num_samples = 16
   config.gan.eval.num_images = 256
 
-  config.segmentation = unet_config.get_config()
-  del config.segmentation.data
+  config.segmentation = unet_config.get_config(data=False)
   config.segmentation.model.name = "unet"
   config.segmentation.model.features = 16
   config.segmentation.train.steps = 600

@@ -16,23 +16,21 @@ import ml_collections
 from experiments.configs import common
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = common.base_config()
-  del config.train.loss
-  config.data.photometric = False  # colour jitter would teach the generator jittered colours
-  config.train.steps = 2000
-  config.train.batch_size = 32
-  config.train.checkpoint_every = 500
-  config.train.log_every = 20
+def get_config(*, data: bool = True) -> ml_collections.ConfigDict:
+  """data=False: without `data`, for a study that gives its runs one shared data section."""
+  config = ml_collections.ConfigDict()
+  if data:
+    config.data = common.data_section(image_pipeline=True)
+    config.data.photometric = False  # colour jitter would teach the generator jittered colours
+  # Scored by FID/KID (config.eval), not on val label maps; the losses are the GAN's own.
+  config.train = common.train_section(val_metrics=False, steps=2000, batch_size=32,
+                                      checkpoint_every=500, log_every=20)
   config.train.d_steps = 1  # discriminator updates per generator update (the reference: 1)
   config.train.ema_decay = 0.999  # of the generator's weights; samples use the average
   config.train.feature_matching = 0.0  # pix2pixHD's D-feature L1 (mask kind)
   config.train.l1 = 0.0  # L1 to the real image (mask kind)
   config.train.sample_every = 250
   config.train.num_samples = 32  # images in samples.png
-  for key in ("eval_batch_size", "eval_every", "num_eval_examples", "num_prediction_images",
-              "max_nonfinite_steps"):
-    del config.train[key]
 
   # SAGAN's two time-scale update rule; beta2 0.9 as in the paper (the released code: 0.999).
   config.optim = ml_collections.ConfigDict()

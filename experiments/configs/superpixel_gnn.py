@@ -9,7 +9,7 @@ adjacency graph and a jraph network labels them (jaxseg.models.superpixel_gnn). 
         --config.hybrid.cnn_workdir=runs/deeplab_resnet50_camvid   # hybrid: CNN + GNN
 
 The superpixel settings left unset take the dataset's defaults
-(jaxseg.train.graph.SUPERPIXEL_DEFAULTS).
+(jaxseg.train.build.SUPERPIXEL_DEFAULTS).
 """
 
 import ml_collections
@@ -18,22 +18,18 @@ from experiments.configs import common
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = common.base_config()
-  # Graphs are built from whole images once (and cached): no crops, scales or colour jitter.
-  for key in ("crop_size", "scale_range", "eval_window", "eval_size", "photometric",
-              "worker_count", "prefetch"):
-    del config.data[key]
+  config = ml_collections.ConfigDict()
+  # Graphs are built from whole images once (and cached): no crops, scales or colour jitter,
+  # and no image loader.
+  config.data = common.data_section(image_pipeline=False)
   # Graphs are built for every train example up front: the first 2000 by default (the
   # synthetic split is procedural, 100,000 images). Val: train.num_eval_examples (0: all).
   config.data.num_train_examples = 2000
-  del config.train.loss  # the loss is the pixel-weighted node cross-entropy
-  for key in ("backbone_lr_multiplier", "freeze_backbone_steps"):
-    del config.optim[key]
-  config.train.steps = 1500
-  config.train.checkpoint_every = 500
-  config.train.log_every = 50
-  config.optim.learning_rate = 3e-3
-  config.optim.warmup_steps = 50
+  # No train.loss: the loss is the pixel-weighted node cross-entropy.
+  config.train = common.train_section(val_metrics=True, steps=1500, checkpoint_every=500,
+                                      log_every=50)
+  # No backbone: no backbone learning rate or frozen start.
+  config.optim = common.optim_section(backbone=False, learning_rate=3e-3, warmup_steps=50)
 
   config.superpixels = ml_collections.ConfigDict()
   config.superpixels.method = "jax"  # jaxseg.ops.slic on the default device, or "skimage"

@@ -19,8 +19,15 @@ from experiments.configs import common
 VARIANTS = {"unet": "unet", "attention": "attention_unet", "resnet50": "resnet50_unet"}
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = common.base_config()
+def get_config(*, data: bool = True) -> ml_collections.ConfigDict:
+  """data=False: without `data`, for a study that gives its runs one shared data section."""
+  config = ml_collections.ConfigDict()
+  if data:
+    config.data = common.data_section(image_pipeline=True)
+  config.train = common.train_section(val_metrics=True)
+  config.train.loss = common.segmentation_loss_weights()
+  config.optim = common.optim_section(backbone=True)  # resnet50 takes model.pretrained
+
   config.model = ml_collections.ConfigDict()
   config.model.name = "attention_unet"  # set by --variant
   config.model.dtype = "auto"  # bfloat16 on GPU/TPU, float32 on CPU

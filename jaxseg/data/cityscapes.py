@@ -68,7 +68,7 @@ class Cityscapes(FileSource):
         skip_bad_examples=skip_bad_examples)
     super().__init__(pairs, skip_bad_examples=skip_bad_examples, skipped=skipped,
                      description=f"Cityscapes(split={split!r}, data_dir={self.data_dir!r}, "
-                                 f"skip_bad_examples={bool(skip_bad_examples)})")
+                                 f"examples={len(pairs)})")
 
   def load(self, record):
     image_path, label_path = record

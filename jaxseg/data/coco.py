@@ -222,7 +222,7 @@ class CocoSegmentation(FileSource):
         description=f"CocoSegmentation(split={split!r}, data_dir={self.data_dir!r}, "
                     f"classes={classes!r}, labels={labels!r}, "
                     f"min_labelled_area={min_labelled_area!r}, "
-                    f"skip_bad_examples={bool(skip_bad_examples)})")
+                    f"examples={len(records)})")
 
   # Listing --------------------------------------------------------------------------------
 

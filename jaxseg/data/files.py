@@ -158,7 +158,8 @@ class FileSource:
     return len(self._records)
 
   def __repr__(self) -> str:
-    # Grain compares this string when restoring an iterator: constructor arguments only.
+    # Grain compares this string when restoring an iterator: what the data is (constructor
+    # arguments and the number of examples listed), not whether bad ones would be skipped.
     return self._description
 
   def load(self, record) -> dict[str, Any]:

@@ -3,6 +3,7 @@ dropping of bad examples, and host-to-device prefetch."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import queue
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain.python as grain
 import jax
 import numpy as np
+import tqdm
 from absl import flags, logging
 
 from jaxseg.data.files import BAD_KEY, check_label_range
@@ -57,6 +59,29 @@ class DropBadExamples(grain.FilterTransform):
       with open(self.log_path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"error": example[BAD_KEY]}) + "\n")
     return False
+
+
+def check_examples(source, validate: ValidateLabels, num_examples: int | None = None,
+                   process_index: int = 0, process_count: int = 1,
+                   desc: str | None = None) -> int:
+  """Reads this process's share of the first `num_examples` of `source` and checks their
+  labels, so that a bad file of a split read only after training (the val split) stops the
+  run before it trains, in one line naming the file. Returns how many examples the source
+  skips as bad (`skip_bad_examples`). Decoding runs on a thread per core."""
+  n = len(source) if num_examples is None else min(num_examples, len(source))
+
+  def check(i):
+    example = source[i]
+    if BAD_KEY in example:
+      return 1
+    validate.map(example)
+    return 0
+
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    results = pool.map(check, range(process_index, n, process_count))
+    return sum(tqdm.tqdm(results, total=len(range(process_index, n, process_count)),
+                         desc=desc, unit="example", dynamic_ncols=True, mininterval=1.0,
+                         disable=desc is None or process_index != 0, leave=False))
 
 
 def count_logged(log_path: str) -> int:

@@ -1,1 +1,1 @@
-"""Studies: many runs orchestrated into one answer; the library never imports them."""
+"""Studies that orchestrate many runs (compare, gan_augment); nothing in jaxseg imports them."""

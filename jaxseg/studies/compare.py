@@ -25,10 +25,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxseg import evaluate, visualize
+from jaxseg import evaluate, runs, visualize
 from jaxseg.data import from_config
 from jaxseg.errors import JaxsegError
-from jaxseg.train import runs
+from jaxseg.train import graph, segmentation
 from jaxseg.train.checkpoint import workdir_path
 
 # Unset data.num_train_examples / train.steps take these. The synthetic table takes 25 minutes
@@ -131,7 +131,6 @@ def train(cfg, workdir: str) -> dict[str, Any]:
     if summary["steps"] > cfg.train.steps:
       raise JaxsegError(f"{workdir} was trained for {summary['steps']} steps, more than the "
                         f"budget of {cfg.train.steps}; use another --workdir or --budget")
-  from jaxseg.train import graph, segmentation  # pylint: disable=g-import-not-at-top
   loop = graph if is_graph(cfg) else segmentation
   return loop.train_and_evaluate(cfg, workdir)
 

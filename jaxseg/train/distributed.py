@@ -107,12 +107,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 class Preempted(Exception):
-  """Training stopped early, at a checkpoint, on a preemption notice: run it again to resume."""
+  """Training stopped early, at a checkpoint, on a preemption notice (SIGTERM) or Ctrl-C
+  (SIGINT): run it again to resume. `exit_code` is 0 for a preemption (the scheduler restarts
+  the job) and 130 for Ctrl-C, as a shell reports an interrupted command."""
 
-  def __init__(self, step: int, workdir: str):
-    super().__init__(f"preempted: saved step {step} in {workdir}; run the same command again "
+  def __init__(self, step: int, workdir: str, signum: int = signal.SIGTERM):
+    what = "interrupted" if signum == signal.SIGINT else "preempted"
+    super().__init__(f"{what}: saved step {step} in {workdir}; run the same command again "
                      "to resume from it")
     self.step, self.workdir = step, workdir
+    self.exit_code = 130 if signum == signal.SIGINT else 0
 
 
 class Preemption:
@@ -121,26 +125,34 @@ class Preemption:
   SIGTERM is what Cloud TPU, GKE and SLURM send before they preempt a host. With several
   processes, JAX's preemption sync manager catches it on whichever hosts get it and makes
   every process agree on one step to stop at (`multihost_utils`); a single process needs no
-  agreement and catches SIGTERM itself. `reached(step)` must be called at every step by every
-  process. Use as a context manager: the previous SIGTERM handler comes back at exit.
+  agreement and catches SIGTERM itself. Ctrl-C (SIGINT) in a single process is caught the
+  same way: the run saves at the step it is on instead of dying with a traceback; a second
+  Ctrl-C cannot cut the save short either. `reached(step)` must be called at every step by
+  every process. Use as a context manager: the previous handlers come back at exit.
   """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self._requested = threading.Event()
-    self._previous = None
+    self._previous = {}
     self._shared = jax.process_count() > 1
+    self.signum = signal.SIGTERM
 
   def __enter__(self) -> "Preemption":
     if not self._shared and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._on_signal)
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
   def _on_signal(self, signum, frame) -> None:  # pylint: disable=unused-argument
+    if not self._requested.is_set():
+      self.signum = signum
     self._requested.set()
 
   def reached(self, step: int) -> bool:

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from jaxseg.errors import JaxsegError
 
 KINDS = ("sagan", "mask")
 
@@ -39,6 +38,8 @@ class GANState:
   d: ModelState
   ema: Any  # exponential moving average of g.params: what samples and metrics use
   rng: jax.Array  # raw key data, so it checkpoints like any array
+  nonfinite_streak: jax.Array  # consecutive skipped steps (the shared non-finite policy)
+  nonfinite_total: jax.Array  # skipped steps since the start of training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,9 @@ def init_state(gan: GAN, example_batch, rng, g_tx, d_tx) -> GANState:
   d = ModelState.create(apply_fn=gan.discriminator.apply, params=d_vars["params"], tx=d_tx,
                         batch_stats=d_vars.get("batch_stats", {}))
   return GANState(step=jnp.zeros((), jnp.int32), g=g, d=d, ema=g_vars["params"],
-                  rng=jax.random.key_data(state_rng))
+                  rng=jax.random.key_data(state_rng),
+                  nonfinite_streak=jnp.zeros((), jnp.int32),
+                  nonfinite_total=jnp.zeros((), jnp.int32))
 
 
 def to_signed(images_uint8):
@@ -181,9 +184,18 @@ def make_train_step(gan: GAN, *, d_steps: int = 1, ema_decay: float = 0.999,
     # 55% after 600 steps, 14% after 2000, and the samples of a short run are noise.
     decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema = optax.incremental_update(g.params, state.ema, 1.0 - decay)
-    state = state.replace(step=state.step + 1, g=g, d=d, ema=ema,
-                          rng=jax.random.key_data(keys[-1]))
-    return state, {**d_metrics, "g_loss": g_loss, **terms}
+    out = {**d_metrics, "g_loss": g_loss, **terms}
+    # The shared non-finite policy: a step whose losses or new weights (both networks, their
+    # statistics, the EMA) are not all finite changes nothing but the step and the counters.
+    ok = jnp.all(jnp.stack([jnp.isfinite(v) for v in jax.tree.leaves(out)] + [
+        jnp.isfinite(optax.tree.norm(t)) for t in (g.params, g.batch_stats, d.params,
+                                                    d.batch_stats, ema)]))
+    new = state.replace(g=g, d=d, ema=ema, rng=jax.random.key_data(keys[-1]))
+    state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state).replace(
+        step=state.step + 1,
+        nonfinite_streak=jnp.where(ok, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32))
+    return state, {**out, "finite": ok, "nonfinite_streak": state.nonfinite_streak}
 
   return train_step
 
@@ -210,37 +222,3 @@ def dominant_class(labels, num_classes: int, background: int | None = None):
   if background is not None:
     counts = counts.at[:, background].set(-1)
   return jnp.argmax(counts, -1).astype(jnp.int32)
-
-
-def build_gan(config, num_classes: int, image_shape) -> GAN:
-  """The one place where config.model becomes the generator and discriminator."""
-  from jaxseg.models import mask_gan, sagan  # pylint: disable=g-import-not-at-top
-  from jaxseg.train.segmentation import compute_dtype  # pylint: disable=g-import-not-at-top
-  m = config.model
-  dtype = compute_dtype(m.dtype)
-  h, w = image_shape[:2]
-  attention = m.attention_resolution or None
-  if m.kind not in KINDS:
-    raise JaxsegError(f"unknown --config.model.kind={m.kind!r}; valid choices: "
-                      f"{', '.join(KINDS)}")
-  if m.kind == "sagan":
-    if h != w or h not in sagan.G_CHANNELS:
-      raise JaxsegError(f"SAGAN generates square images of {sorted(sagan.G_CHANNELS)} pixels; "
-                        f"the data gives {h}x{w} (set --config.data.crop_size or "
-                        f"--config.data.image_size)")
-    classes = num_classes if m.conditional else 0
-    return GAN("sagan",
-               sagan.Generator(resolution=h, num_classes=classes, ch=m.g_ch,
-                               attention_resolution=attention, dtype=dtype),
-               sagan.Discriminator(resolution=h, num_classes=classes, ch=m.d_ch,
-                                   attention_resolution=attention, dtype=dtype), m.z_dim)
-  factor = 2 ** (len(m.g_channels) - 1)
-  if h % factor or w % factor:
-    raise JaxsegError(f"--config.model.g_channels has {len(m.g_channels)} blocks, so images "
-                      f"must be multiples of {factor} on a side; the data gives {h}x{w}")
-  return GAN("mask",
-             mask_gan.MaskToImageGenerator(num_classes, ch=m.g_ch, channels=tuple(m.g_channels),
-                                           z_dim=m.z_dim, attention_resolution=attention,
-                                           dtype=dtype),
-             mask_gan.PatchDiscriminator(num_classes, ch=m.d_ch, attention_resolution=attention,
-                                         dtype=dtype), m.z_dim)

@@ -1,4 +1,5 @@
-"""The GAN training loop: `train_and_evaluate(config, workdir)` for both GAN kinds.
+"""The GAN task: `train_and_evaluate(config, workdir)` for both GAN kinds, on the shared
+skeleton (jaxseg.train.loop: workdir, resume, cadence, non-finite policy, timing, summary).
 
 Data comes through the segmentation pipeline (grain, crops, checkpointed position), so a GAN
 trains on any registered dataset. Every `train.sample_every` steps the EMA generator draws a
@@ -10,9 +11,7 @@ feature network they come from.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -21,13 +20,11 @@ import numpy as np
 
 from jaxseg import image_quality, visualize
 from jaxseg.data import pipeline
-from jaxseg.errors import JaxsegError
-from jaxseg.train import gan as gan_lib
-from jaxseg.train import distributed, sharding
-from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, workdir_path
-from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.data.from_config import make_data
-from jaxseg.train.segmentation import save_config
+from jaxseg.errors import JaxsegError
+from jaxseg.train import build, loop, sharding
+from jaxseg.train import gan as gan_lib
+from jaxseg.train.checkpoint import Checkpointer, param_shapes, restore_latest_state, workdir_path
 
 
 def _center_crop(array, size):
@@ -71,7 +68,7 @@ def _setup(config, workdir: str) -> _Setup:
   local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
   data = make_data(config, workdir, local_batch)
   num_classes = data.train.num_classes
-  gan = gan_lib.build_gan(config, num_classes, data.image_shape)
+  gan = build.gan(config, num_classes, data.image_shape)
   background = config.model.background_class
   if background is None:
     background = 0 if data.train.class_names[0] == "background" else None
@@ -85,17 +82,12 @@ def _setup(config, workdir: str) -> _Setup:
       batch["class"] = gan_lib.dominant_class(batch["label"], num_classes, background)
     return batch
 
-  g_tx, d_tx = gan_lib.make_optimizers(config.optim.g_learning_rate,
-                                       config.optim.d_learning_rate, config.optim.b1,
-                                       config.optim.b2)
+  g_tx, d_tx = build.gan_optimizers(config)
   h, w = data.image_shape[:2]
   example = prepare({"image": jnp.zeros((1, h, w, 3), jnp.uint8),
                      "label": jnp.zeros((1, h, w), jnp.int32)})
   init = lambda rng: gan_lib.init_state(gan, example, rng, g_tx, d_tx)
-  rng = jax.random.key(config.train.seed)
-  replicated = sharding.replicated(mesh)
-  state_sharding = jax.tree.map(lambda _: replicated, jax.eval_shape(init, rng))
-  state = jax.jit(init, out_shardings=state_sharding)(rng)
+  state, state_sharding = build.materialize(init, config.train.seed, mesh)
   return _Setup(mesh, data, gan, prepare, state, state_sharding, background, conditional, (h, w))
 
 
@@ -135,10 +127,9 @@ def restore_generator(config, workdir: str) -> Generator:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), setup.identity(config),
                       async_save=False)
   try:
-    step = ckpt.latest_step()
-    if step is None:
+    if ckpt.latest_step() is None:
       raise JaxsegError(f"{ckpt.directory}: no checkpoint to draw pairs with")
-    state = ckpt.restore_state(step, setup.state)
+    state, step = restore_latest_state(ckpt, setup.state)
   finally:
     ckpt.close()
   return Generator(setup.gan, state, workdir, step, setup.size, config.train.batch_size)
@@ -146,97 +137,65 @@ def restore_generator(config, workdir: str) -> Generator:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir`), samples, scores FID/KID, writes summary.json."""
-  workdir = workdir_path(workdir)
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  setup = _setup(config, workdir)
-  mesh, data, gan, state = setup.mesh, setup.data, setup.gan, setup.state
-  num_classes, background = data.train.num_classes, setup.background
-  (h, w), state_sharding = setup.size, setup.state_sharding
-  replicated = sharding.replicated(mesh)
-  step_fn = gan_lib.make_train_step(gan, d_steps=config.train.d_steps,
-                                    ema_decay=config.train.ema_decay,
-                                    feature_matching=config.train.feature_matching,
-                                    l1=config.train.l1)
-  train_step = jax.jit(lambda s, b: step_fn(s, setup.prepare(b)),
-                       in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
-                       out_shardings=(state_sharding, replicated), donate_argnums=0)
-  sample = jax.jit(gan_lib.make_sample(gan))
+  build.validate(config)
+  with loop.Run(workdir, config, build.loop_settings(config), purpose="GAN training") as run:
+    os.makedirs(run.path("samples"), exist_ok=True)
+    setup = _setup(config, run.workdir)
+    mesh, data, gan, state = setup.mesh, setup.data, setup.gan, setup.state
+    num_classes, background = data.train.num_classes, setup.background
+    (h, w), state_sharding = setup.size, setup.state_sharding
+    step_fn = gan_lib.make_train_step(gan, d_steps=config.train.d_steps,
+                                      ema_decay=config.train.ema_decay,
+                                      feature_matching=config.train.feature_matching,
+                                      l1=config.train.l1)
+    train_step = jax.jit(lambda s, b: step_fn(s, setup.prepare(b)),
+                         in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+                         out_shardings=(state_sharding, sharding.replicated(mesh)),
+                         donate_argnums=0)
+    sample = jax.jit(gan_lib.make_sample(gan))
 
-  # Fixed samples: the first val label maps (mask kind), or fixed z with classes in turn.
-  n_samples = config.train.num_samples
-  shown = real_examples(data.val, n_samples, (h, w))
-  n_samples = len(shown["image"])
-  z_fixed = jax.random.normal(jax.random.key(config.train.seed + 1), (n_samples, gan.z_dim))
-  if gan.kind == "mask":
-    c_fixed = jnp.asarray(shown["label"])
-  elif config.model.conditional:
-    classes = [k for k in range(num_classes) if k != background]
-    c_fixed = jnp.asarray([classes[i % len(classes)] for i in range(n_samples)], jnp.int32)
-  else:
-    c_fixed = None
+    # Fixed samples: the first val label maps (mask kind), or fixed z with classes in turn.
+    shown = real_examples(data.val, config.train.num_samples, (h, w))
+    n_samples = len(shown["image"])
+    z_fixed = jax.random.normal(jax.random.key(config.train.seed + 1), (n_samples, gan.z_dim))
+    if gan.kind == "mask":
+      c_fixed = jnp.asarray(shown["label"])
+    elif config.model.conditional:
+      classes = [k for k in range(num_classes) if k != background]
+      c_fixed = jnp.asarray([classes[i % len(classes)] for i in range(n_samples)], jnp.int32)
+    else:
+      c_fixed = None
 
-  def write_samples(step):
-    images = np.asarray(sample(state, z_fixed, c_fixed))
-    if gan.kind == "mask":  # each cell: the label map beside its generated image
-      labels = visualize.colorize(shown["label"], data.train.palette, data.train.ignore_index)
-      images = np.concatenate([labels, images], axis=2)
-    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-    visualize.tile(path, images, columns=4 if gan.kind == "mask" else 8)
-    visualize.tile(os.path.join(workdir, "samples.png"), images,
-                   columns=4 if gan.kind == "mask" else 8)
+    def write_samples(state, step):
+      if jax.process_index() != 0:
+        return
+      images = np.asarray(sample(state, z_fixed, c_fixed))
+      if gan.kind == "mask":  # each cell: the label map beside its generated image
+        labels = visualize.colorize(shown["label"], data.train.palette, data.train.ignore_index)
+        images = np.concatenate([labels, images], axis=2)
+      columns = 4 if gan.kind == "mask" else 8
+      visualize.tile(run.path("samples", f"step_{step:06d}.png"), images, columns=columns)
+      visualize.tile(run.path("samples.png"), images, columns=columns)
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), setup.identity(config),
-                      keep=config.train.keep_checkpoints, sampler=data.loader.global_sampler)
-  data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
-                               size=config.data.prefetch)
-  state, earlier, start = resume(ckpt, state, data_iter)
-  save_config(config, workdir)  # after the checkpoint check, as in segmentation.py
-  steps = config.train.steps
-  writer = MetricWriter(workdir, resume_step=start)
-  progress = Progress(steps, start, config.train.batch_size)
-  t_start = time.perf_counter()
-  # As in segmentation.py: SIGTERM saves at the next step and stops.
-  with distributed.Preemption() as preemption:
+    data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
+                                 size=config.data.prefetch)
     try:
-      for step in range(start + 1, steps + 1):
-        state, out = train_step(state, next(data_iter))
-        if step % config.train.log_every == 0 or step == steps or step == start + 1:
-          out = jax.device_get(out)
-          if not all(np.isfinite(float(v)) for v in out.values()):
-            raise FloatingPointError(f"training stopped at step {step}: non-finite losses "
-                                     f"{ {k: float(v) for k, v in out.items()} }")
-          writer.write(step, out)
-          progress.update(step, float(out["d_loss"]), config.optim.g_learning_rate)
-        if step % config.train.sample_every == 0 or step == steps:
-          write_samples(step)
-        stop = preemption.reached(step)
-        if step % config.train.checkpoint_every == 0 or step == steps or stop:
-          ckpt.save(step, state, data_iter, force=step == steps or stop, progress={
-              "train_seconds": earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start})
-        if stop:
-          progress.close()
-          raise distributed.Preempted(step, workdir)
-      progress.close()
-      train_seconds = earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start
+      state = run.resume(state, setup.identity(config), data_iterator=data_iter,
+                         sampler=data.loader.global_sampler)
+      state = run.train(state, train_step, lambda step: next(data_iter), samples=write_samples,
+                        data_iterator=data_iter, loss_key="d_loss")
     finally:
       data_iter.close()
-      ckpt.wait()
-      ckpt.close()
-      writer.close()
-
-  scores = score(state, gan, sample, data.val, config, (h, w), num_classes, background)
-  result = {**scores, "kind": gan.kind, "conditional": bool(setup.conditional),
-            "dataset": config.data.name, "image_size": [h, w], "steps": int(state.step),
-            "resumed_from": start, "train_seconds": round(train_seconds, 2),
-            "num_params_generator": int(sum(x.size for x in jax.tree.leaves(state.g.params))),
-            "num_params_discriminator": int(sum(x.size for x in
-                                                jax.tree.leaves(state.d.params))),
-            "devices": mesh.devices.size, "global_batch_size": config.train.batch_size}
-  if jax.process_index() == 0:
-    if steps <= start:
-      write_samples(int(state.step))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    if run.start >= config.train.steps:  # a finished run, run again: no sample was drawn
+      write_samples(state, int(state.step))
+    with run.chrono.pause():
+      scores = score(state, gan, sample, data.val, config, (h, w), num_classes, background)
+    result = run.write_summary(state, {
+        **scores, "kind": gan.kind, "conditional": bool(setup.conditional),
+        "dataset": config.data.name, "image_size": [h, w],
+        "num_params_generator": int(sum(x.size for x in jax.tree.leaves(state.g.params))),
+        "num_params_discriminator": int(sum(x.size for x in jax.tree.leaves(state.d.params))),
+    }, mesh)
   return result
 
 

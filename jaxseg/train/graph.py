@@ -15,7 +15,6 @@ oracle (each superpixel takes its majority label) is reported beside them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -28,36 +27,15 @@ from absl import logging
 
 from jaxseg import metrics, visualize
 from jaxseg.data import graph_data, sources, superpixels as sp
-from jaxseg.errors import JaxsegError
-from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN, node_loss
-from jaxseg.train import distributed, runs, sharding, xla_stats
-from jaxseg.train.checkpoint import Checkpointer, param_shapes, resume, tree_signature, workdir_path
-from jaxseg.train.logging import MetricWriter, Progress
 from jaxseg.data.from_config import make_sources
-from jaxseg.train.segmentation import (compute_dtype, optimizer_from_config, save_config,
-                                       step_figures)
-from jaxseg.train.state import TrainState
+from jaxseg.errors import JaxsegError
+from jaxseg.models.superpixel_gnn import node_loss
+from jaxseg.train import build, loop, sharding
+from jaxseg.train.checkpoint import param_shapes, tree_signature
 from jaxseg.train.steps import apply_update
+from jaxseg.train.workdir import save_classes
 
-# Per-dataset superpixel defaults (superpixels.n_segments / .scale left unset): about 12x12
-# pixel superpixels on CamVid's 360x480 frames, SLIC at half resolution on Cityscapes' 2048.
-SUPERPIXEL_DEFAULTS = {
-    "synthetic": {"n_segments": 100, "scale": 1.0},
-    "camvid": {"n_segments": 800, "scale": 1.0},
-    "cityscapes": {"n_segments": 2000, "scale": 0.5},
-}
-_FALLBACK = {"n_segments": 800, "scale": 1.0}
-_MODEL_KEYS = ("layer", "hidden", "num_layers", "dropout_rate")
-
-
-def superpixels_of(config) -> graph_data.Superpixels:
-  """config.superpixels with the dataset's defaults filled in."""
-  defaults = SUPERPIXEL_DEFAULTS.get(config.data.name, _FALLBACK)
-  s = config.superpixels
-  return graph_data.Superpixels(
-      method=s.method, compactness=s.compactness, sigma=s.sigma,
-      n_segments=s.n_segments if s.n_segments is not None else defaults["n_segments"],
-      scale=s.scale if s.scale is not None else defaults["scale"])
+EVAL_KEYS = ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")
 
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> np.ndarray:
@@ -157,7 +135,7 @@ def local_batch(graphs, indices, mesh, budget: Budget, ignore_index: int, mirror
       ignore_index=ignore_index)
 
 
-def evaluate(eval_step, state, graphs: graph_data.GraphSet, mesh, budget: Budget,
+def evaluate_graphs(eval_step, state, graphs: graph_data.GraphSet, mesh, budget: Budget,
              num_classes: int, ignore_index: int, keep: dict[int, np.ndarray] | None = None):
   """(int64 confusion over the split, {source index: node predictions} for `keep`)."""
   confusion = np.zeros((num_classes, num_classes), np.int64)
@@ -182,34 +160,6 @@ def evaluate(eval_step, state, graphs: graph_data.GraphSet, mesh, budget: Budget
   return confusion, kept
 
 
-def make_model(config, num_classes: int, dtype) -> SuperpixelGNN:
-  """The one place where config.model becomes constructor arguments."""
-  unknown = sorted(set(config.model.keys()) - set(_MODEL_KEYS) - {"name", "dtype"})
-  if unknown:
-    raise JaxsegError(f"--config.model.{unknown[0]} does not apply to model superpixel_gnn")
-  if config.model.layer not in LAYERS:
-    raise JaxsegError(f"unknown --config.model.layer={config.model.layer!r}; valid choices: "
-                      f"{', '.join(LAYERS)}")
-  return SuperpixelGNN(num_classes=num_classes, dtype=dtype,
-                       **{k: config.model[k] for k in _MODEL_KEYS})
-
-
-def create_state(config, model, example, mesh):
-  """(train state replicated over `mesh`, its sharding, the schedule); `example` is one padded
-  GraphsTuple, which fixes the node and edge feature widths."""
-  schedule, tx = optimizer_from_config(config, config.train.steps)
-
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, example, train=False)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={},
-                             rng=state_rng)
-
-  rng = jax.random.key(config.train.seed)
-  state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, rng))
-  return jax.jit(init, out_shardings=state_sharding)(rng), state_sharding, schedule
-
-
 def _pictures(path, val, graphs: graph_data.GraphSet, predictions, title: str) -> None:
   """image with superpixel boundaries | ground truth | superpixel oracle | prediction."""
   rows = {"image": [], "label": [], "oracle": [], "prediction": []}
@@ -228,207 +178,131 @@ def _pictures(path, val, graphs: graph_data.GraphSet, predictions, title: str) -
                             extra_columns={"superpixel oracle": np.stack(rows["oracle"])})
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, cnn=None) -> dict[str, Any]:
   """Builds (or reuses) the graphs, trains (resuming from `workdir`), evaluates, writes
-  summary.json, metrics.jsonl and predictions.png."""
-  workdir = workdir_path(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  for key in ("steps", "checkpoint_every", "log_every", "keep_checkpoints"):
-    if config.train[key] < 1:
-      raise JaxsegError(f"--config.train.{key}={config.train[key]} must be at least 1")
-  mesh = sharding.make_mesh()
-  batch_size = config.train.batch_size
-  sharding.check_batch_size(batch_size, mesh)
-  eval_batch = config.train.eval_batch_size or batch_size
-  sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
-  dtype = compute_dtype(config.model.dtype)
-  train_source, val_source = make_sources(config)  # the first data.num_train_examples
-  if config.train.num_eval_examples:
-    val_source = sources.Subset(val_source, config.train.num_eval_examples)
-  num_classes, ignore = train_source.num_classes, train_source.ignore_index
+  summary.json, metrics.jsonl and predictions.png.
 
-  superpixels = superpixels_of(config)
-  model = make_model(config, num_classes, dtype)
-  pixel_features, hybrid = None, None
-  if config.hybrid.cnn_workdir:
-    cnn = runs.load_run(config.hybrid.cnn_workdir, "config.hybrid.cnn_workdir")
-    if cnn.num_classes != num_classes:
-      raise JaxsegError(f"--config.hybrid.cnn_workdir={config.hybrid.cnn_workdir} predicts "
-                        f"{cnn.num_classes} classes but {config.data.name} has {num_classes}")
-    pixel_features = lambda images: np.asarray(cnn.probabilities(images))
-    hybrid = {"cnn_workdir": os.path.abspath(config.hybrid.cnn_workdir), "step": cnn.step,
-              "model": "/".join(filter(None, (cnn.config.model.name,
-                                              cnn.config.model.get("backbone"))))}
-  n_pictures = min(config.train.num_prediction_images, len(val_source))
-  keep = np.linspace(0, len(val_source) - 1, n_pictures).astype(int).tolist() if n_pictures else []
-  t_build = time.perf_counter()
-  common = dict(superpixels=superpixels, batch_size=config.superpixels.batch_size,
-                pixel_features=pixel_features, key_extra=hybrid)
-  train_graphs = graph_data.cached_build(os.path.join(workdir, "graphs", "train.npz"),
-                                         train_source, desc="train graphs", **common)
-  val_graphs = graph_data.cached_build(os.path.join(workdir, "graphs", "val.npz"), val_source,
-                                       keep=keep, desc="val graphs", **common)
-  build_seconds = time.perf_counter() - t_build
-  both = train_graphs.graphs + val_graphs.graphs
-  nodes_max = max(len(g.nodes) for g in both)
-  edges_max = max(len(g.senders) for g in both)
-  train_budget = Budget(batch_size // mesh.devices.size, nodes_max, edges_max)
-  eval_budget = Budget(eval_batch // mesh.devices.size, nodes_max, edges_max)
+  Hybrid mode (config.hybrid.cnn_workdir) needs `cnn`, that run loaded as a model
+  (jaxseg.runs.load_run, which the caller does: finished runs sit above the training layer):
+  its class probabilities, pooled over each superpixel, join the node features.
+  """
+  build.validate(config)
+  if config.hybrid.cnn_workdir and cnn is None:
+    raise ValueError("hybrid mode: pass the run of config.hybrid.cnn_workdir as `cnn` "
+                     "(jaxseg.runs.load_run)")
+  with loop.Run(workdir, config, build.loop_settings(config),
+                purpose="superpixel GNN training") as run:
+    mesh = sharding.make_mesh()
+    batch_size = config.train.batch_size
+    sharding.check_batch_size(batch_size, mesh)
+    eval_batch = config.train.eval_batch_size or batch_size
+    sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
+    train_source, val_source = make_sources(config)  # the first data.num_train_examples
+    if config.train.num_eval_examples:
+      val_source = sources.Subset(val_source, config.train.num_eval_examples)
+    num_classes, ignore = train_source.num_classes, train_source.ignore_index
 
-  example = jax.tree.map(lambda x: x[0], local_batch(
-      train_graphs.graphs, np.arange(min(train_budget.graphs_per_device, len(train_graphs))),
-      mesh, Budget(train_budget.graphs_per_device, nodes_max, edges_max), ignore))
-  state, state_sharding, schedule = create_state(config, model, example, mesh)
-  num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
-  train_step, eval_step = make_steps(schedule, num_classes)
-  data_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
-                       out_shardings=(state_sharding, sharding.replicated(mesh)),
-                       donate_argnums=0)
-  eval_step = jax.jit(eval_step, in_shardings=(state_sharding, data_sharding),
-                      out_shardings=(sharding.replicated(mesh), data_sharding))
+    superpixels = build.superpixels(config)
+    model = build.gnn_model(config, num_classes)
+    pixel_features, hybrid = None, None
+    if cnn is not None:
+      if cnn.num_classes != num_classes:
+        raise JaxsegError(f"--config.hybrid.cnn_workdir={config.hybrid.cnn_workdir} predicts "
+                          f"{cnn.num_classes} classes but {config.data.name} has {num_classes}")
+      pixel_features = lambda images: np.asarray(cnn.probabilities(images))
+      hybrid = {"cnn_workdir": os.path.abspath(config.hybrid.cnn_workdir), "step": cnn.step,
+                "model": cnn.name}
+    n_pictures = min(config.train.num_prediction_images, len(val_source))
+    keep = (np.linspace(0, len(val_source) - 1, n_pictures).astype(int).tolist()
+            if n_pictures else [])
+    t_build = time.perf_counter()
+    common = dict(superpixels=superpixels, batch_size=config.superpixels.batch_size,
+                  pixel_features=pixel_features, key_extra=hybrid)
+    train_graphs = graph_data.cached_build(run.path("graphs", "train.npz"), train_source,
+                                           desc="train graphs", **common)
+    val_graphs = graph_data.cached_build(run.path("graphs", "val.npz"), val_source, keep=keep,
+                                         desc="val graphs", **common)
+    build_seconds = time.perf_counter() - t_build
+    both = train_graphs.graphs + val_graphs.graphs
+    nodes_max = max(len(g.nodes) for g in both)
+    edges_max = max(len(g.senders) for g in both)
+    train_budget = Budget(batch_size // mesh.devices.size, nodes_max, edges_max)
+    eval_budget = Budget(eval_batch // mesh.devices.size, nodes_max, edges_max)
 
-  identity = {"model": "superpixel_gnn", "backbone": None, "num_classes": num_classes,
-              "params": param_shapes(state.params),
-              "opt_state": tree_signature(state.opt_state),
-              "train_data": f"{train_source!r} {superpixels} hybrid={hybrid}",
-              "global_batch_size": batch_size}
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), identity,
-                      keep=config.train.keep_checkpoints)
-  state, earlier, start = resume(ckpt, state)
-  save_config(config, workdir)  # after the checkpoint check, as in segmentation.py
-  runs.save_classes(workdir, train_source, config.data.name)
-  logging.info("superpixel_gnn (%s), %d classes, %s params, %d devices, global batch %d; "
-               "graphs: %d train, %d val, up to %d nodes and %d edges",
-               config.model.layer, num_classes, f"{num_params:,}", mesh.devices.size,
-               batch_size, len(train_graphs), len(val_graphs), nodes_max, edges_max)
+    example = jax.tree.map(lambda x: x[0], local_batch(
+        train_graphs.graphs, np.arange(min(train_budget.graphs_per_device, len(train_graphs))),
+        mesh, train_budget, ignore))
+    state, state_sharding = build.materialize(build.gnn_init(config, model, example),
+                                              config.train.seed, mesh)
+    num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
+    schedule, _ = build.optimizer(config)
+    train_step, eval_step = make_steps(schedule, num_classes)
+    data_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
+                         out_shardings=(state_sharding, sharding.replicated(mesh)),
+                         donate_argnums=0)
+    eval_step = jax.jit(eval_step, in_shardings=(state_sharding, data_sharding),
+                        out_shardings=(sharding.replicated(mesh), data_sharding))
 
-  writer = MetricWriter(workdir, resume_step=start)
-  progress = Progress(config.train.steps, start, batch_size)
-  steps = config.train.steps
-  t_start, compile_seconds, t_first, step_stats = time.perf_counter(), None, None, None
+    identity = {"model": "superpixel_gnn", "backbone": None, "num_classes": num_classes,
+                "params": param_shapes(state.params),
+                "opt_state": tree_signature(state.opt_state),
+                "train_data": f"{train_source!r} {superpixels} hybrid={hybrid}",
+                "global_batch_size": batch_size}
+    state = run.resume(state, identity)
+    save_classes(run.workdir, train_source, config.data.name)
+    logging.info("superpixel_gnn (%s), %d classes, %s params, %d devices, global batch %d; "
+                 "graphs: %d train, %d val, up to %d nodes and %d edges",
+                 config.model.layer, num_classes, f"{num_params:,}", mesh.devices.size,
+                 batch_size, len(train_graphs), len(val_graphs), nodes_max, edges_max)
 
-  def seconds_so_far():
-    return earlier.get("train_seconds", 0.0) + time.perf_counter() - t_start
+    def next_batch(step):
+      # The batch of a step is a pure function of (seed, step): nothing to checkpoint.
+      indices = batch_indices(step, len(train_graphs), batch_size, config.train.seed)
+      mirror = flips(step, batch_size, config.train.seed) if config.data.flip else None
+      return _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
+                              mirror), mesh)
 
-  def run_eval(step):
-    confusion, kept = evaluate(eval_step, state, val_graphs, mesh, eval_budget, num_classes,
-                               ignore, keep=val_graphs.segments)
-    summary = metrics.summarize(confusion)
-    writer.write(step, {f"eval/{k}": summary[k] for k in
-                        ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")})
-    return summary, kept
+    def evaluate(state, step):
+      del step
+      confusion, kept = evaluate_graphs(eval_step, state, val_graphs, mesh, eval_budget,
+                                        num_classes, ignore, keep=val_graphs.segments)
+      summary = metrics.summarize(confusion)
+      return loop.Evaluation({f"eval/{k}": summary[k] for k in EVAL_KEYS}, (summary, kept))
 
-  def drain(step, out):
-    """Host bookkeeping of a finished step, one step behind (no stall on the device)."""
-    nonlocal compile_seconds, t_first
-    out = jax.device_get(out)
-    if compile_seconds is None:
-      t_first = time.perf_counter()
-      compile_seconds = t_first - t_start
-    row = {k: v for k, v in out.items() if k not in ("finite", "nonfinite_streak")}
-    if not out["finite"]:
-      progress.write(f"step {step}: non-finite loss or gradient; update skipped "
-                     f"({int(out['nonfinite_streak'])} in a row)")
-      writer.write(step, {**row, "nonfinite_step": 1})
-      if out["nonfinite_streak"] >= config.train.max_nonfinite_steps:
-        raise FloatingPointError(
-            f"training stopped at step {step}: {int(out['nonfinite_streak'])} consecutive "
-            f"steps with a non-finite loss or gradient (limit train.max_nonfinite_steps="
-            f"{config.train.max_nonfinite_steps}); lower optim.learning_rate")
-    elif step == start + 1 or step % config.train.log_every == 0 or step == steps:
-      writer.write(step, row)
-    progress.update(step, float(out["loss"]), float(out["learning_rate"]))
+    state = run.train(state, train_step, next_batch, evaluate=evaluate)
+    summary, kept = run.final.result
 
-  pending = None
-  # As in segmentation.py: SIGTERM saves at the next step and stops.
-  with distributed.Preemption() as preemption:
-    try:
-      for step in range(start + 1, steps + 1):
-        indices = batch_indices(step, len(train_graphs), batch_size, config.train.seed)
-        mirror = flips(step, batch_size, config.train.seed) if config.data.flip else None
-        batch = _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
-                                 mirror), mesh)
-        if step_stats is None:  # compiled here once, for its FLOPs and memory as well
-          train_step, step_stats = xla_stats.compile_with_stats(train_step, state, batch)
-        state, out = train_step(state, batch)
-        if pending is not None:
-          drain(*pending)
-        pending = (step, out)
-        if step == start + 1:  # the compile time is measured on the first step
-          drain(*pending)
-          pending = None
-        if config.train.eval_every and step % config.train.eval_every == 0 and step != steps:
-          if pending is not None:
-            drain(*pending)
-            pending = None
-          summary, _ = run_eval(step)
-          progress.write(f"step {step}: val mIoU {metrics.fmt_score(summary['miou'])}")
-        stop = preemption.reached(step)
-        if step % config.train.checkpoint_every == 0 or step == steps or stop:
-          if pending is not None:
-            drain(*pending)
-            pending = None
-          ckpt.save(step, state, force=step == steps or stop,
-                    progress={"train_seconds": seconds_so_far(),
-                              **step_figures(step_stats, earlier)})
-        if stop:
-          progress.close()
-          raise distributed.Preempted(step, workdir)
-      if pending is not None:
-        drain(*pending)
-      progress.close()
-      t_end = time.perf_counter()
-      train_seconds = seconds_so_far() if steps > start else earlier.get("train_seconds", 0.0)
-      final_step = int(jax.device_get(state.step))
-      summary, kept = run_eval(final_step)
-    finally:
-      ckpt.wait()
-      ckpt.close()
-      writer.close()
-
-  oracle = metrics.summarize(oracle_confusion(val_graphs, num_classes))
-  if hybrid is not None:
-    hybrid["superpixel_vote_miou"] = metrics.summarize(
-        pooled_cnn_confusion(val_graphs, num_classes))["miou"]
-  trained = max(steps - start, 0)
-  result = {
-      **{k: summary[k] for k in ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy",
-                                 "per_class_iou", "per_class_dice", "precision", "recall")},
-      # Every superpixel labelled with its majority class: the best any superpixel
-      # classifier can do with these superpixels.
-      "oracle_miou": oracle["miou"], "oracle_pixel_accuracy": oracle["pixel_accuracy"],
-      "oracle_per_class_iou": oracle["per_class_iou"],
-      "class_names": list(train_source.class_names),
-      "steps": final_step, "steps_this_run": trained, "resumed_from": start,
-      "train_seconds": round(train_seconds, 2),
-      "compile_seconds": round(compile_seconds or 0.0, 2),
-      # After the first (compiling) step of this run.
-      "images_per_second": (round((trained - 1) * batch_size / max(t_end - t_first, 1e-9), 1)
-                            if trained > 1 else None),
-      "graph_build_seconds": round(build_seconds, 2),
-      "superpixels": {**dataclasses.asdict(superpixels),
-                      "mean_nodes": float(np.mean([len(g.nodes) for g in both])),
-                      "mean_edges": float(np.mean([len(g.senders) for g in both])),
-                      "max_nodes": nodes_max, "max_edges": edges_max},
-      "hybrid": hybrid, "model": "superpixel_gnn", "layer": config.model.layer,
-      "dataset": config.data.name, "num_params": num_params, "dtype": jnp.dtype(dtype).name,
-      "devices": mesh.devices.size, "platform": jax.default_backend(),
-      "global_batch_size": batch_size,
-      **step_figures(step_stats, earlier),
-      "nonfinite_steps": int(jax.device_get(state.nonfinite_total)),
-      "skipped_examples": train_graphs.skipped + val_graphs.skipped,
-      "eval_examples": len(val_graphs),
-  }
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(result, f, indent=2)
-    if kept:
-      _pictures(os.path.join(workdir, "predictions.png"), val_source, val_graphs, kept,
-                f"superpixel GNN ({config.model.layer}"
-                f"{', hybrid on ' + hybrid['model'] if hybrid else ''}) on {config.data.name}: "
-                f"val mIoU "
-                f"{metrics.fmt_score(summary['miou'])}, superpixel oracle {metrics.fmt_score(oracle['miou'])}")
-    logging.info("Per-class results:\n%s", metrics.class_table(summary,
-                                                               train_source.class_names))
+    oracle = metrics.summarize(oracle_confusion(val_graphs, num_classes))
+    if hybrid is not None:
+      hybrid["superpixel_vote_miou"] = metrics.summarize(
+          pooled_cnn_confusion(val_graphs, num_classes))["miou"]
+    result = run.write_summary(state, {
+        **{k: summary[k] for k in (*EVAL_KEYS, "per_class_iou", "per_class_dice", "precision",
+                                   "recall")},
+        # Every superpixel labelled with its majority class: the best any superpixel
+        # classifier can do with these superpixels.
+        "oracle_miou": oracle["miou"], "oracle_pixel_accuracy": oracle["pixel_accuracy"],
+        "oracle_per_class_iou": oracle["per_class_iou"],
+        "class_names": list(train_source.class_names),
+        "graph_build_seconds": round(build_seconds, 2),
+        "superpixels": {**dataclasses.asdict(superpixels),
+                        "mean_nodes": float(np.mean([len(g.nodes) for g in both])),
+                        "mean_edges": float(np.mean([len(g.senders) for g in both])),
+                        "max_nodes": nodes_max, "max_edges": edges_max},
+        "hybrid": hybrid, "model": "superpixel_gnn", "layer": config.model.layer,
+        "dataset": config.data.name, "num_params": num_params,
+        "dtype": jnp.dtype(build.compute_dtype(config.model.dtype)).name,
+        "skipped_examples": train_graphs.skipped + val_graphs.skipped,
+        "eval_examples": len(val_graphs),
+    }, mesh)
+    if jax.process_index() == 0:
+      if kept:
+        _pictures(run.path("predictions.png"), val_source, val_graphs, kept,
+                  f"superpixel GNN ({config.model.layer}"
+                  f"{', hybrid on ' + hybrid['model'] if hybrid else ''}) on "
+                  f"{config.data.name}: val mIoU {metrics.fmt_score(summary['miou'])}, "
+                  f"superpixel oracle {metrics.fmt_score(oracle['miou'])}")
+      logging.info("Per-class results:\n%s", metrics.class_table(summary,
+                                                                 train_source.class_names))
   return result

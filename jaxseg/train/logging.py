@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import tqdm
 
+from jaxseg.errors import JaxsegError
+
 
 def _plain(value):
   """JSON-friendly python scalars / lists from numpy or jax values."""
@@ -32,6 +34,7 @@ class MetricWriter:
     self.resume_step = resume_step
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    self._logged: dict[int, set[str]] = {}  # keys already in the file, by step (<= resume)
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -47,27 +50,56 @@ class MetricWriter:
       return
     with open(self.path) as f:
       rows = [line for line in f if line.strip()]
-    keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
-    if len(keep) != len(rows):
+    keep = []
+    for line in rows:
+      try:
+        row = json.loads(line)
+      except ValueError:  # a line cut short by a kill mid-write
+        continue
+      if row.get("step", 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+        self._logged.setdefault(row["step"], set()).update(row)
+    if keep != rows:
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
         f.writelines(keep)
       os.replace(tmp, self.path)  # atomic: a crash here never loses the old rows
 
+  def logged(self, step: int) -> set[str]:
+    """The keys already written for `step` (by this run or, up to the resumed step, before)."""
+    return self._logged.get(step, set())
+
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-    """Appends a row; rows up to the resumed step exist already (a finished run re-evaluated)."""
-    if not self.active or step <= self.resume_step:
+    """Appends a row. Up to the resumed step, only keys the file lacks for that step are
+    written: a killed run's missing evaluation is added, nothing is written twice."""
+    if not self.active:
+      return
+    scalars = {k: v for k, v in scalars.items() if k not in self.logged(step)}
+    if not scalars:
       return
     row = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise JaxsegError(f"could not write step {step} to {self.path}: "
+                        f"{e.strerror or type(e).__name__}") from None
+    self._logged.setdefault(int(step), set()).update(row)
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
         self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:
-    if self._tb is not None:
+    if self._tb is None:
+      return
+    writers = list((self._tb.all_writers or {}).values())
+    try:
       self._tb.close()
+    except OSError:  # a full or read-only disk: the run reports that already, in one line
+      # tensorboardX would try the same flush again at exit and print its traceback.
+      for writer in writers:
+        writer.event_writer._closed = True  # pylint: disable=protected-access
+    self._tb = None
 
 
 class Progress:
@@ -80,13 +112,15 @@ class Progress:
                          mininterval=1.0)
     self._last = (time.perf_counter(), initial)
 
-  def update(self, step: int, loss: float, learning_rate: float) -> None:
+  def update(self, step: int, loss: float, learning_rate: float | None = None) -> None:
     now = time.perf_counter()
     t0, s0 = self._last
     ips = (step - s0) * self.batch_size / max(now - t0, 1e-9)
     self._last = (now, step)
-    self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", img_s=f"{ips:.1f}",
-                         refresh=False)
+    shown = {"loss": f"{loss:.4f}", "img_s": f"{ips:.1f}"}
+    if learning_rate is not None:
+      shown["lr"] = f"{learning_rate:.2e}"
+    self.bar.set_postfix(shown, refresh=False)
     self.bar.update(step - self.bar.n)
 
   def write(self, message: str) -> None:

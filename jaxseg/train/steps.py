@@ -20,12 +20,13 @@ def _select(ok, new, old):
 def apply_update(state, loss, grads, batch_stats, rng, schedule: optax.Schedule,
                  components=None):
   """(new state, step metrics) after one update, or the old state (step counter and
-  non-finite counters advanced) when the loss, a gradient or a BatchNorm statistic is not
-  finite. `rng` is the state's next key (kept only with the update)."""
+  non-finite counters advanced) when the loss, a gradient, a BatchNorm statistic or the
+  updated parameters are not finite (the last catches a learning rate or an optimizer
+  statistic gone bad). `rng` is the state's next key (kept only with the update)."""
   grad_norm = optax.tree.norm(grads)  # inf/NaN if any gradient entry is
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
-      optax.tree.norm(batch_stats))
   new = state.apply_gradients(grads=grads)
+  ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) &
+        jnp.isfinite(optax.tree.norm(batch_stats)) & jnp.isfinite(optax.tree.norm(new.params)))
   state = state.replace(
       step=state.step + 1,
       params=_select(ok, new.params, state.params),
