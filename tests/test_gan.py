@@ -86,6 +86,23 @@ def test_a_step_lowers_the_discriminator_loss_on_a_fixed_batch(make):
                              leaf(new.g.params), rtol=1e-5, atol=1e-7)
 
 
+def test_a_nonfinite_step_changes_nothing_but_the_counters():
+  """The shared non-finite policy: here the update itself is NaN (a bad learning rate), with
+  finite losses; both networks, their statistics, the EMA and the RNG stay."""
+  gan, batch = _sagan(), _batch()
+  nan_lr = optax.sgd(lambda count: count * 0 + jnp.nan)
+  state = gan_lib.init_state(gan, batch, jax.random.key(0), nan_lr, optax.sgd(0.1))
+  new, out = jax.jit(gan_lib.make_train_step(gan))(state, batch)
+  assert not bool(out["finite"]) and int(out["nonfinite_streak"]) == 1
+  assert np.isfinite(float(out["d_loss"]))
+  assert int(new.step) == 1 and int(new.nonfinite_total) == 1
+  for name in ("g", "d", "ema", "rng"):
+    for a, b in zip(jax.tree.leaves(getattr(new, name)), jax.tree.leaves(getattr(state, name))):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  again, out = jax.jit(gan_lib.make_train_step(gan))(new, batch)
+  assert int(out["nonfinite_streak"]) == 2 and int(again.nonfinite_total) == 2
+
+
 def test_resume_through_orbax_continues_the_same_losses(tmp_path):
   gan = _sagan()
   step = _step(gan)

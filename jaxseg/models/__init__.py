@@ -24,7 +24,7 @@ MODELS = {
 
 def create_model(name: str, *, num_classes: int, backbone: str | None = None,
                  backbone_kwargs: dict | None = None, dtype: Any = jnp.float32, **kwargs):
-  """Builds a registered model; the one place where config values become constructor args.
+  """Builds a registered model from plain arguments (jaxseg.train.build passes a config's).
 
   `backbone_kwargs` fix backbone constructor arguments (e.g. a pretrained checkpoint's
   `style="keras"`), on top of the output stride and dtype the model passes itself.
