@@ -6,6 +6,7 @@ Each test reproduces a case of the fault probe of issue 20 on the tiny DeepLab o
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,10 +109,25 @@ def test_metric_writer_adds_what_a_killed_run_had_not_written_and_nothing_twice(
                              {"step": 2, "eval/miou": 0.3}]
 
 
-def test_a_run_stopped_between_checkpoint_and_evaluation_writes_every_row_once(tmp_path,
+CONFIG = dict(steps=4, **{"train.eval_every": 2})  # checkpoints and evaluations at 2 and 4
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+  """(workdir, summary) of one uninterrupted run that several tests compare against or copy."""
+  workdir = tmp_path_factory.mktemp("whole")
+  return workdir, segmentation.train_and_evaluate(helpers.tiny_config(**CONFIG), str(workdir))
+
+
+def _copy(whole, tmp_path):
+  shutil.copytree(whole[0], tmp_path / "run")
+  os.remove(tmp_path / "run" / ".lock")
+  return tmp_path / "run"
+
+
+def test_a_run_stopped_between_checkpoint_and_evaluation_writes_every_row_once(whole, tmp_path,
                                                                                monkeypatch):
-  config = helpers.tiny_config(steps=4, **{"train.eval_every": 2})
-  whole = segmentation.train_and_evaluate(config, str(tmp_path / "whole"))
+  config = helpers.tiny_config(**CONFIG)
   # Stopped at step 2, an evaluation step: its checkpoint is written, its evaluation is not.
   helpers.sigterm_at_step(monkeypatch, 2)
   with pytest.raises(distributed.Preempted):
@@ -119,10 +135,10 @@ def test_a_run_stopped_between_checkpoint_and_evaluation_writes_every_row_once(t
   assert "eval/miou" not in _keys_by_step(_rows(tmp_path / "split"))[2]
   monkeypatch.undo()
   resumed = segmentation.train_and_evaluate(config, str(tmp_path / "split"))
-  assert resumed["resumed_from"] == 2 and resumed["miou"] == whole["miou"]
-  assert _keys_by_step(_rows(tmp_path / "split")) == _keys_by_step(_rows(tmp_path / "whole"))
+  assert resumed["resumed_from"] == 2 and resumed["miou"] == whole[1]["miou"]
+  assert _keys_by_step(_rows(tmp_path / "split")) == _keys_by_step(_rows(whole[0]))
   split = {(r["step"], k): v for r in _rows(tmp_path / "split") for k, v in r.items()}
-  for row in _rows(tmp_path / "whole"):
+  for row in _rows(whole[0]):
     for key, value in row.items():
       assert split[row["step"], key] == pytest.approx(value, rel=1e-5), (row["step"], key)
 
@@ -130,34 +146,37 @@ def test_a_run_stopped_between_checkpoint_and_evaluation_writes_every_row_once(t
 # --- resume with other settings -----------------------------------------------------------------
 
 
-def test_resume_refuses_a_changed_optimizer_setting_and_records_harmless_changes(tmp_path):
-  workdir = str(tmp_path)
-  segmentation.train_and_evaluate(helpers.tiny_config(steps=2), workdir)
-  changed = helpers.tiny_config(steps=4, **{"optim.learning_rate": 0.01})
-  with pytest.raises(JaxsegError, match=r"--config.optim.learning_rate=0.01: .* \(step 2\) was "
+def test_resume_refuses_a_changed_optimizer_setting_and_records_harmless_changes(whole,
+                                                                                 tmp_path):
+  workdir = str(_copy(whole, tmp_path))
+  before = (tmp_path / "run" / "config.json").read_text()
+  changed = helpers.tiny_config(**{**CONFIG, "steps": 5, "optim.learning_rate": 0.01})
+  with pytest.raises(JaxsegError, match=r"--config.optim.learning_rate=0.01: .* \(step 4\) was "
                                         r"trained with 0.002; resume with the same value"):
     segmentation.train_and_evaluate(changed, workdir)
-  seed = helpers.tiny_config(steps=4, **{"train.seed": 1})
+  seed = helpers.tiny_config(**{**CONFIG, "steps": 5, "train.seed": 1})
   with pytest.raises(JaxsegError, match=r"--config.train.seed=1: "):
     segmentation.train_and_evaluate(seed, workdir)
-  summary = segmentation.train_and_evaluate(helpers.tiny_config(steps=4), workdir)
-  assert summary["resumed_from"] == 2 and summary["steps"] == 4
-  saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["optim"]["learning_rate"] == 0.002 and saved["train"]["steps"] == 4
-  assert saved["changes"] == [{"step": 2, "train.steps": [2, 4]}]
+  assert (tmp_path / "run" / "config.json").read_text() == before  # left untouched
+  summary = segmentation.train_and_evaluate(helpers.tiny_config(**{**CONFIG, "steps": 5}),
+                                            workdir)
+  assert summary["resumed_from"] == 4 and summary["steps"] == 5
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["optim"]["learning_rate"] == 0.002 and saved["train"]["steps"] == 5
+  assert saved["changes"] == [{"step": 4, "train.steps": [4, 5]}]
 
 
 def test_a_rerun_that_only_adds_skip_bad_examples_resumes(tmp_path, monkeypatch):
   overrides = {"data.name": "camvid", "data.data_dir": str(helpers.CAMVID),
-               "data.crop_size": (32, 32)}
-  config = helpers.tiny_config(steps=4, **overrides)
-  helpers.sigterm_at_step(monkeypatch, 2)
+               "data.crop_size": (32, 32), "train.checkpoint_every": 1}
+  config = helpers.tiny_config(steps=2, **overrides)
+  helpers.sigterm_at_step(monkeypatch, 1)
   with pytest.raises(distributed.Preempted):
     segmentation.train_and_evaluate(config, str(tmp_path))
   monkeypatch.undo()
-  again = helpers.tiny_config(steps=4, **overrides)
+  again = helpers.tiny_config(steps=2, **overrides)
   again.data.skip_bad_examples = True
-  assert segmentation.train_and_evaluate(again, str(tmp_path))["resumed_from"] == 2
+  assert segmentation.train_and_evaluate(again, str(tmp_path))["resumed_from"] == 1
 
 
 def test_a_bad_val_label_stops_the_run_before_it_trains(tmp_path):
@@ -272,24 +291,22 @@ def test_ctrl_c_saves_at_the_current_step_and_exits_130(tmp_path):
 # --- checkpoints: a damaged newest one, a full disk ----------------------------------------------
 
 
-def test_a_damaged_newest_checkpoint_resumes_from_the_intact_one_exactly(tmp_path, caplog,
-                                                                          capfd):
-  config = helpers.tiny_config(steps=4)
-  whole = segmentation.train_and_evaluate(config, str(tmp_path / "whole"))
-  damaged = segmentation.train_and_evaluate(config, str(tmp_path / "damaged"))
-  data = max((tmp_path / "damaged" / "checkpoints" / "4" / "state").rglob("*"),
+def test_a_damaged_newest_checkpoint_resumes_from_the_intact_one_exactly(whole, tmp_path,
+                                                                          caplog, capfd):
+  workdir = _copy(whole, tmp_path)
+  data = max((workdir / "checkpoints" / "4" / "state").rglob("*"),
              key=lambda p: p.stat().st_size if p.is_file() else -1)
   data.write_bytes(data.read_bytes()[:16])  # truncated
   capfd.readouterr()
   caplog.clear()
-  again = segmentation.train_and_evaluate(config, str(tmp_path / "damaged"))
+  again = segmentation.train_and_evaluate(helpers.tiny_config(**CONFIG), str(workdir))
   warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
             and "is damaged" in r.getMessage()]
   assert len(warned) == 1 and "checkpoint 4 in" in warned[0] and "(state:" in warned[0]
   assert "resuming from step 2" in warned[0] and "\n" not in warned[0]
   assert not [r for r in caplog.records if r.levelname == "ERROR"]
   assert "Traceback" not in capfd.readouterr().err
-  assert again["resumed_from"] == 2 and again["miou"] == whole["miou"] == damaged["miou"]
+  assert again["resumed_from"] == 2 and again["miou"] == whole[1]["miou"]
 
 
 @pytest.fixture
