@@ -15,10 +15,10 @@ It changes only the CPU backend; GPUs and TPUs ignore it.
 
 Compilation cache. Most of a short command's time is XLA compiling: for the 31M-parameter U-Net
 (`experiments.unet --variant=unet`) on 2 cores, `jit(init)` takes 5-9 s and the train step 6-12 s,
-so predicting one image took 9-11 s (6 s of it compiling) and the first train step came after
-16-23 s. jaxseg turns on JAX's persistent compilation cache, so that a program compiled once is
-read back from disk (0.3 s for the train step) by every later process that compiles it again:
-with the cache warm, 4.1 s and 5.8 s (benchmarks/startup.py, on a busy machine).
+so the first train step came after 16 s. jaxseg turns on JAX's persistent compilation cache,
+so that a program compiled once is read back from disk (0.3 s for the train step) by every
+later process that compiles it again: with the cache warm, the first step comes after 5.6 s
+(benchmarks/startup.py; benchmarks/RESULTS.md, "Start-up").
 
   - where: `$XDG_CACHE_HOME/jaxseg/xla/<machine>-<cpu>` (default `~/.cache/jaxseg/xla/...`).
     The last part names the CPU (its /proc/cpuinfo identity): a home directory shared by

@@ -345,3 +345,16 @@ def test_a_full_disk_stops_the_run_at_that_checkpoint_in_one_line(small_disk, mo
     segmentation.train_and_evaluate(config, str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
   assert not [p for p in workdir.rglob("*") if "tmp" in p.name]
+
+
+def test_evaluate_on_a_read_only_run_stops_before_computing(whole, small_disk):
+  shutil.copytree(whole[0], small_disk / "run", ignore=shutil.ignore_patterns(".lock"))
+  subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+  t = time.perf_counter()
+  with pytest.raises(JaxsegError, match=rf"--workdir={small_disk / 'run'} is not writable: "
+                                        r"read-only file system"):
+    evaluate.run_evaluation([str(small_disk / "run")])
+  assert time.perf_counter() - t < 2  # nothing was loaded or computed
+  # So does resuming its training (the probe's: a raw traceback after 15 s).
+  with pytest.raises(JaxsegError, match=r"--workdir=\S+ is not writable"):
+    segmentation.train_and_evaluate(helpers.tiny_config(**CONFIG), str(small_disk / "run"))
