@@ -10,7 +10,10 @@ import re
 import signal
 import subprocess
 import sys
+import shutil
 import time
+
+import pytest
 
 from experiments.configs import deeplab as deeplab_config
 from jaxseg import backbones
@@ -118,3 +121,21 @@ def sigterm_when_paused(started, pause_file, timeout=600):
     time.sleep(0.1)
   started[0].send_signal(signal.SIGTERM)
   return finish(started)
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: pathlib.Path, size: str):
+  """A tmpfs of `size` (e.g. "1m") mounted at `mount_point` for a real full or read-only disk.
+  Mounting needs root with mount privileges, which this machine and its CI have; elsewhere
+  the test is skipped with the reason."""
+  mount_point.mkdir(exist_ok=True)
+  if shutil.which("mount") is None:
+    pytest.skip("no mount command to make a small disk with")
+  made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                         str(mount_point)], capture_output=True, text=True, check=False)
+  if made.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+  try:
+    yield mount_point
+  finally:
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, check=False)

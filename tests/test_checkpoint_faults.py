@@ -13,7 +13,6 @@ import itertools
 import logging
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import time
@@ -29,6 +28,7 @@ import pytest
 from jaxseg.errors import JaxsegError
 from jaxseg.train.checkpoint import Checkpointer, DamagedCheckpoint, restore_latest_state, resume
 from jaxseg.train.state import TrainState
+from tests import helpers
 
 IDENTITY = {"model": "tiny", "num_classes": 2}
 
@@ -230,17 +230,9 @@ def _file_size_limit(size):
 
 @pytest.fixture
 def small_disk(tmp_path):
-  """A 1 MB tmpfs (root with mount privileges: this machine and its CI; skipped elsewhere)."""
-  mount_point = tmp_path / "disk"
-  mount_point.mkdir()
-  if shutil.which("mount") is None:
-    pytest.skip("no mount command")
-  made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                        capture_output=True, text=True, check=False)
-  if made.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
-  yield mount_point
-  subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, check=False)
+  """A 1 MB tmpfs."""
+  with helpers.tmpfs(tmp_path / "disk", "1m") as mount_point:
+    yield mount_point
 
 
 @contextlib.contextmanager
