@@ -297,9 +297,9 @@ class Run:
             if step == s.steps:
               self.final = evaluation
             else:
-              progress.write(f"step {step}: " + ", ".join(
-                  f"{k[5:]} {v:.4f}" for k, v in evaluation.scalars.items()
-                  if k in ("eval/miou", "eval/ema/miou")))
+              miou = evaluation.scalars.get("eval/miou")
+              if miou is not None:
+                progress.write(f"step {step}: val mIoU {miou:.4f}")
           if save_now:
             self.ckpt.save(step, state, data_iterator, force=step == s.steps or stop,
                            progress=self.chrono.figures())
