@@ -33,7 +33,8 @@ def main():
   result, report = evaluate.run_evaluation(
       _MODEL.workdirs, weights=_MODEL.weights(), out_dir=_OUT.value, dataset=_DATASET.value,
       data_dir=_DATA_DIR.value, split=_SPLIT.value, tta=_MODEL.tta(), window=_MODEL.window(),
-      batch_size=_BATCH.value, num_examples=_NUM.value or None)
+      batch_size=_BATCH.value, num_examples=_NUM.value or None,
+      loading=_MODEL.loading())
   print(metrics.class_table(result.summary, list(report["per_class"])))
   print(json.dumps({k: report[k] for k in ("miou", "pixel_accuracy", "mean_dice", "tta",
                                            "window", "examples", "seconds")}))

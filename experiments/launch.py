@@ -113,6 +113,12 @@ class ModelFlags:
     self._window = flags.DEFINE_string("window", None, "Sliding window HxW, or 0 for whole "
                                        "images (default: the dataset's evaluation setting).",
                                        **main)
+    self._checkpoint = flags.DEFINE_string(
+        "checkpoint", "best", "Which checkpoint of each run: best (the one train.keep_best "
+        "kept, else the newest), latest, or a step number.", **main)
+    self._weights_source = flags.DEFINE_enum(
+        "weights_source", "ema", ["ema", "raw"], "ema: a run's weight average where it kept "
+        "one (train.ema_decay), else its raw weights; raw: the raw weights.", **main)
 
   @property
   def workdirs(self) -> list[str]:
@@ -120,6 +126,12 @@ class ModelFlags:
 
   def weights(self) -> list[float] | None:
     return _numbers(self._weights.value, "weights") if self._weights.value else None
+
+  def loading(self) -> dict:
+    """load_run's options: {"checkpoint": "best" | "latest" | step, "weights": "ema" | "raw"}."""
+    value = self._checkpoint.value
+    return {"checkpoint": int(value) if value.isdigit() else value,
+            "weights": self._weights_source.value}
 
   def tta(self):
     from jaxseg.inference import DEFAULT_TTA, TTA  # pylint: disable=g-import-not-at-top

@@ -20,7 +20,7 @@ _ALPHA = flags.DEFINE_float("alpha", 0.5, "Opacity of the mask in the overlay.")
 
 
 def main(images):
-  model = evaluate.load_model(_MODEL.workdirs, _MODEL.weights())
+  model = evaluate.load_model(_MODEL.workdirs, _MODEL.weights(), _MODEL.loading())
   written = evaluate.export_predictions(model, images, out_dir=_OUT_DIR.value,
                                         tta=_MODEL.tta(), window=_MODEL.window(),
                                         alpha=_ALPHA.value)

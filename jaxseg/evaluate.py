@@ -129,9 +129,11 @@ def evaluate(model, source, *, batch_size: int = 8, tta: TTA = NO_TTA,
   settings = {"model": model.name, "tta": tta.describe(), "scales": list(tta.scales),
               "flip": tta.flip, "window": list(window) if window else None,
               "dataset": repr(source), "examples": n, "seconds": round(seconds, 2),
-              "step": getattr(model, "step", None)}
+              "step": getattr(model, "step", None),
+              "weights_source": getattr(model, "weights_source", None)}
   if isinstance(model, Ensemble):
-    settings["members"] = [{"workdir": m.workdir, "model": m.name, "weight": w}
+    settings["members"] = [{"workdir": m.workdir, "model": m.name, "weight": w,
+                            "step": m.step, "weights_source": m.weights_source}
                            for m, w in zip(model.members, model.weights)]
   return Result(metrics.summarize(confusion), confusion, settings, kept)
 
@@ -176,9 +178,11 @@ def throughput(model, image_shape, *, batch_size: int = 8, repeats: int = 3,
   return batch_size / float(np.median(times))
 
 
-def load_model(workdirs: Sequence[str], weights: Sequence[float] | None = None):
-  """One run, or the ensemble of several (equal weights unless given)."""
-  runs = [load_run(w) for w in workdirs]
+def load_model(workdirs: Sequence[str], weights: Sequence[float] | None = None,
+               loading: dict | None = None):
+  """One run, or the ensemble of several (equal weights unless given); `loading` is
+  load_run's checkpoint/weights choice (default: the best checkpoint, the weight average)."""
+  runs = [load_run(w, **(loading or {})) for w in workdirs]
   if len(runs) == 1 and weights is None:
     return runs[0]
   return Ensemble(runs, weights)
@@ -223,7 +227,7 @@ def run_evaluation(workdirs: Sequence[str], *, weights=None, out_dir: str | None
                    dataset: str | None = None, data_dir: str | None = None,
                    split: str | None = None, tta: TTA = NO_TTA, window="default",
                    batch_size: int = 8, num_examples: int | None = None,
-                   keep: int = 6) -> tuple[Result, dict]:
+                   keep: int = 6, loading: dict | None = None) -> tuple[Result, dict]:
   """Evaluates one run or an ensemble on a split and writes OUT/eval.json and pictures (OUT
   defaults to the run's own workdir); returns the result and eval.json's content."""
   if not workdirs:
@@ -239,14 +243,15 @@ def run_evaluation(workdirs: Sequence[str], *, weights=None, out_dir: str | None
   try:
     return _run_evaluation(workdirs, lock.path, weights=weights, dataset=dataset,
                            data_dir=data_dir, split=split, tta=tta, window=window,
-                           batch_size=batch_size, num_examples=num_examples, keep=keep)
+                           batch_size=batch_size, num_examples=num_examples, keep=keep,
+                           loading=loading)
   finally:
     lock.release()
 
 
 def _run_evaluation(workdirs, out_dir, *, weights, dataset, data_dir, split, tta, window,
-                    batch_size, num_examples, keep) -> tuple[Result, dict]:
-  model = load_model(workdirs, weights)
+                    batch_size, num_examples, keep, loading) -> tuple[Result, dict]:
+  model = load_model(workdirs, weights, loading)
   first = model.members[0] if isinstance(model, Ensemble) else model
   source, default_window, operations = eval_source(first.config, dataset=dataset,
                                                    data_dir=data_dir, split=split)

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxseg import inference, weights
+from jaxseg import inference
+from jaxseg import weights as weights_lib
 from jaxseg.data import from_config, graph_data, superpixels as sp
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
@@ -49,6 +50,7 @@ class Run:
   step: int
   classes: Classes
   workdir: str = ""
+  weights_source: str = "raw"  # "ema": the run's weight average (load_run's `weights`)
 
   def __post_init__(self):
     model, preprocess, k = self.model, self.preprocess, self.num_classes
@@ -93,6 +95,7 @@ class GraphRun:
   classes: Classes
   cnn: Run | None = None
   workdir: str = ""
+  weights_source: str = "raw"
 
   def __post_init__(self):
     model = self.model
@@ -155,36 +158,66 @@ def _read_config(workdir: str, flag: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def _restore(workdir: str, flag: str, build_state: Callable):
-  """(state, step, identity) of the newest intact checkpoint; `build_state(num_classes)` gives
-  the abstract train state (shapes, dtypes and shardings: nothing is computed or compiled)
-  that it is restored into."""
+CHECKPOINTS = ("best", "latest")
+WEIGHTS = ("ema", "raw")
+
+
+def _restore(workdir: str, flag: str, build_state: Callable, config, checkpoint):
+  """(state, step, identity) of the checkpoint asked for (see `load_run`), or the newest
+  intact one; `build_state(num_classes)` gives the abstract train state (shapes, dtypes and
+  shardings: nothing is computed or compiled) that it is restored into."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):  # (Orbax's manager would create it)
     raise JaxsegError(f"--{flag}={workdir}: no checkpoint in {os.path.abspath(directory)}")
-  ckpt = Checkpointer(directory, {}, async_save=False)
+  best = config.train.get("keep_best", "")
+  ckpt = Checkpointer(directory, {}, async_save=False, best=f"eval/{best}" if best else "")
   try:
     if ckpt.latest_step() is None:
       raise JaxsegError(f"--{flag}={workdir}: no checkpoint in {ckpt.directory}")
+    wanted = None
+    if checkpoint == "best":
+      wanted = ckpt.best_step()  # None without train.keep_best: the newest
+    elif checkpoint != "latest":
+      if not isinstance(checkpoint, int) or checkpoint not in ckpt.manager.all_steps():
+        raise JaxsegError(f"--checkpoint={checkpoint}: {ckpt.directory} holds steps "
+                          f"{sorted(ckpt.manager.all_steps())} (or say best or latest)")
+      wanted = checkpoint
 
     def abstract(identity):  # of the step restored: a damaged newest one is passed over
       state = build_state(identity["num_classes"])
       ckpt.identity = {**identity, "params": param_shapes(state.params)}
       return state
 
-    state, step = restore_latest_state(ckpt, abstract)
+    state, step = restore_latest_state(ckpt, abstract, wanted)
     identity = ckpt.saved_identity(step)
   finally:
     ckpt.close()
   return state, step, identity
 
 
-def load_run(workdir: str, flag: str = "workdir") -> Run | GraphRun:
-  """The model of run `workdir` with its newest intact checkpoint; one-line errors name
-  `--flag`."""
+def _variables(state, weights: str) -> tuple[dict, str]:
+  """({"params", "batch_stats"}, which): the weight average when asked for and the run kept
+  one (train.ema_decay), else the raw weights."""
+  if weights not in WEIGHTS:
+    raise JaxsegError(f"--weights_source={weights} is not one of: {', '.join(WEIGHTS)}")
+  if weights == "ema" and state.ema is not None:
+    return state.ema, "ema"
+  return {"params": state.params, "batch_stats": state.batch_stats}, "raw"
+
+
+def load_run(workdir: str, flag: str = "workdir", *, checkpoint: str | int = "best",
+             weights: str = "ema") -> Run | GraphRun:
+  """The model of run `workdir`; one-line errors name `--flag`.
+
+  `checkpoint`: "best" (the default) is the checkpoint train.keep_best kept, or the newest
+  when the run kept none; "latest" the newest intact one; a step number that one. `weights`:
+  "ema" (the default) is the weight average when the run kept one (train.ema_decay), else
+  the raw weights; "raw" the raw ones. The run's `step` and `weights_source` say what was loaded."""
+  if checkpoint not in CHECKPOINTS and not isinstance(checkpoint, int):
+    raise JaxsegError(f"--checkpoint={checkpoint} is not one of: best, latest, a step number")
   config = _read_config(workdir, flag)
   if config.model.name == "superpixel_gnn":
-    return _load_graph_run(workdir, flag, config)
+    return _load_graph_run(workdir, flag, config, checkpoint, weights)
   mesh = sharding.make_mesh()
   model = {}
 
@@ -193,15 +226,15 @@ def load_run(workdir: str, flag: str = "workdir") -> Run | GraphRun:
     init = build.segmentation_init(config, model["cnn"], (64, 64, 3))
     return build.abstract_state(init, config.train.seed, mesh)
 
-  state, step, identity = _restore(workdir, flag, build_state)
+  state, step, identity = _restore(workdir, flag, build_state, config, checkpoint)
   spec = identity.get("preprocessing", "imagenet")
-  preprocess = make_normalize() if spec == "imagenet" else weights.make_preprocess(spec)
-  return Run(config, model["cnn"], {"params": state.params, "batch_stats": state.batch_stats},
-             preprocess, identity["num_classes"], step, _load_classes(workdir, config),
-             os.path.abspath(workdir))
+  preprocess = make_normalize() if spec == "imagenet" else weights_lib.make_preprocess(spec)
+  variables, which = _variables(state, weights)
+  return Run(config, model["cnn"], variables, preprocess, identity["num_classes"], step,
+             _load_classes(workdir, config), os.path.abspath(workdir), which)
 
 
-def _load_graph_run(workdir: str, flag: str, config) -> GraphRun:
+def _load_graph_run(workdir: str, flag: str, config, checkpoint, weights) -> GraphRun:
   cnn = None
   if config.hybrid.cnn_workdir:
     cnn = load_run(config.hybrid.cnn_workdir, f"{flag} (its config.hybrid.cnn_workdir)")
@@ -214,7 +247,8 @@ def _load_graph_run(workdir: str, flag: str, config) -> GraphRun:
     return build.abstract_state(build.gnn_init(config, model["gnn"], example),
                                 config.train.seed, mesh)
 
-  state, step, identity = _restore(workdir, flag, build_state)
-  return GraphRun(config, model["gnn"], state.params, build.superpixels(config),
+  state, step, identity = _restore(workdir, flag, build_state, config, checkpoint)
+  variables, which = _variables(state, weights)
+  return GraphRun(config, model["gnn"], variables["params"], build.superpixels(config),
                   identity["num_classes"], step, _load_classes(workdir, config), cnn,
-                  os.path.abspath(workdir))
+                  os.path.abspath(workdir), which)

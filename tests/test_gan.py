@@ -77,12 +77,15 @@ def test_a_step_lowers_the_discriminator_loss_on_a_fixed_batch(make):
   assert np.isfinite(float(metrics["g_loss"]))
   # The EMA's warm-up: at step 0 its decay is 1/10, so it moved 90% of the way to the new
   # generator; late in training it is ema_decay (0.999): 0.1%.
-  leaf = lambda tree: jax.tree.leaves(tree)[0]
-  np.testing.assert_allclose(leaf(new.ema), 0.1 * leaf(state.ema) + 0.9 * leaf(new.g.params),
-                             rtol=1e-5, atol=1e-7)
+  # It is the mechanism every task shares (jaxseg.train.ema): the generator's parameters and
+  # its statistics (BatchNorm, spectral norms) are averaged alike.
+  for part in ("params", "batch_stats"):
+    leaf = lambda tree: jax.tree.leaves(tree)[0]
+    np.testing.assert_allclose(leaf(new.ema[part]), 0.1 * leaf(state.ema[part])
+                               + 0.9 * leaf(getattr(new.g, part)), rtol=1e-5, atol=1e-7)
   late = state.replace(step=jnp.asarray(100_000, jnp.int32))
   new, _ = _step(gan)(late, batch)
-  np.testing.assert_allclose(leaf(new.ema), 0.999 * leaf(late.ema) + 0.001 *
+  np.testing.assert_allclose(leaf(new.ema["params"]), 0.999 * leaf(late.ema["params"]) + 0.001 *
                              leaf(new.g.params), rtol=1e-5, atol=1e-7)
 
 

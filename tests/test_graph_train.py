@@ -94,16 +94,16 @@ def test_short_last_batch_leaves_devices_that_count_nowhere():
   assert batch.nodes["weight"][3].sum() == 0
 
 
-def _one_step(mesh, graphs):
+def _one_step(mesh, graphs, micro=1):
   model = SuperpixelGNN(num_classes=K, hidden=16, num_layers=2, dropout_rate=0.0)
   budget = graph.Budget(len(graphs) // mesh.devices.size, 16, 200)
-  batch = graph.local_batch(graphs, np.arange(len(graphs)), mesh, budget, 255)
-  params = model.init(jax.random.key(0), jax.tree.map(lambda x: x[0], batch),
-                      train=False)["params"]
+  batch = graph.local_batch(graphs, np.arange(len(graphs)), mesh, budget, 255, micro=micro)
+  example = jax.tree.map(lambda x: x[0, 0] if micro > 1 else x[0], batch)
+  params = model.init(jax.random.key(0), example, train=False)["params"]
   schedule = optim.make_schedule("constant", 1e-2, 10)
   state = TrainState.create(apply_fn=model.apply, params=params, batch_stats={},
                             tx=optim.make_optimizer("adamw", schedule), rng=jax.random.key(1))
-  train_step, _ = graph.make_steps(schedule, K)
+  train_step, _ = graph.make_steps(schedule, K, accumulate_steps=micro)
   replicated = sharding.replicated(mesh)
   step = jax.jit(train_step, in_shardings=(replicated, sharding.batch_sharding(mesh)))
   state, out = step(jax.device_put(state, replicated), graph._put(batch, mesh))
@@ -117,6 +117,19 @@ def test_one_step_is_the_same_on_1_and_8_devices():
   np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                params8, params1)
+
+
+@pytest.mark.parametrize("devices, micro", [(1, 4), (2, 2)])
+def test_accumulated_micro_batches_equal_the_whole_batch(devices, micro):
+  """Each micro-batch's loss counts by its pixel weight: with no BatchNorm in the GNN, 4
+  micro-batches of 2 graphs are one batch of 8, exactly (to rounding)."""
+  graphs = [_graph(s) for s in range(8)]
+  mesh = sharding.make_mesh(jax.devices()[:devices])
+  params1, loss1 = _one_step(mesh, graphs)
+  params_micro, loss_micro = _one_step(mesh, graphs, micro)
+  np.testing.assert_allclose(loss_micro, loss1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               params_micro, params1)
 
 
 def _config(steps, **overrides):
@@ -145,19 +158,32 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+# The shared training features, on: the weight average, the best checkpoint, 2 micro-batches.
+FEATURES = dict(train__ema_decay=0.9, train__keep_best="ema/miou", train__eval_every=2,
+                train__accumulate_steps=2, train__batch_size=16, train__keep_checkpoints=1)
+
+
 def test_sigterm_then_resume_gives_the_same_run_and_reuses_the_graphs(tmp_path, monkeypatch):
-  whole = graph.train_and_evaluate(_config(4), str(tmp_path / "whole"))
+  whole = graph.train_and_evaluate(_config(4, **FEATURES), str(tmp_path / "whole"))
   with monkeypatch.context() as patch:
     helpers.sigterm_at_step(patch, 3)
     with pytest.raises(distributed.Preempted, match="saved step 3"):
-      graph.train_and_evaluate(_config(4), str(tmp_path / "split"))
+      graph.train_and_evaluate(_config(4, **FEATURES), str(tmp_path / "split"))
   cache = tmp_path / "split" / "graphs" / "train.npz"
   built = cache.stat().st_mtime_ns
-  resumed = graph.train_and_evaluate(_config(4), str(tmp_path / "split"))
+  resumed = graph.train_and_evaluate(_config(4, **FEATURES), str(tmp_path / "split"))
   assert cache.stat().st_mtime_ns == built  # reused, not rebuilt
   assert resumed["resumed_from"] == 3 and resumed["steps"] == 4
   assert _losses(tmp_path / "split") == _losses(tmp_path / "whole")
-  assert resumed["miou"] == whole["miou"]
+  for key in ("miou", "ema/miou", "best_step", "best_value"):
+    assert resumed[key] == whole[key], key
+  # Raw and averaged scores at each evaluation; the best by the averaged mIoU is what
+  # load_run returns, with the averaged weights.
+  with open(tmp_path / "whole" / "metrics.jsonl") as f:
+    scored = {r["step"]: r["eval/ema/miou"] for r in map(json.loads, f) if "eval/miou" in r}
+  assert sorted(scored) == [2, 4] and whole["best_step"] == max(scored, key=lambda s: (scored[s], s))
+  run = runs.load_run(str(tmp_path / "whole"))
+  assert (run.step, run.weights_source) == (whole["best_step"], "ema")
   # Pixel metrics at full resolution, bounded by the oracle in pixel accuracy.
   assert whole["oracle_pixel_accuracy"] >= whole["pixel_accuracy"]
   assert whole["superpixels"]["max_nodes"] <= 24 + 8 and whole["eval_examples"] == 8

@@ -61,11 +61,20 @@ def train_section(*, val_metrics: bool, steps: int = 360, batch_size: int = 8,
   train.log_every = log_every
   train.seed = 0
   train.max_nonfinite_steps = 5  # stop after this many consecutive skipped steps
+  # An average of the weights (and BatchNorm statistics) with TF's warm-up, e.g. 0.999; what
+  # evaluation also scores and finished runs use by default (0: off).
+  train.ema_decay = 0.0
   if val_metrics:
     train.eval_batch_size = 0  # 0: same as batch_size
     train.eval_every = 0  # 0: evaluate at the end only
     train.num_eval_examples = 0  # 0: the whole val split
     train.num_prediction_images = 6  # rows of predictions.png
+    # Keep the checkpoint with the best val score beside the last keep_checkpoints: "miou",
+    # "ema/miou", ... (needs eval_every > 0; "": off). load_run returns it by default.
+    train.keep_best = ""
+    # Split the batch into this many micro-batches, gradients averaged before one update:
+    # the same batch in less memory (BatchNorm then sees micro-batches; docs/training.md).
+    train.accumulate_steps = 1
   return train
 
 

@@ -25,8 +25,10 @@ from jaxseg.data import graph_data, superpixels as sp
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model, mask_gan, sagan
 from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN
+from jaxseg.train import ema as ema_lib
 from jaxseg.train import gan as gan_lib
 from jaxseg.train import optim, sharding
+from jaxseg.train.evaluation import EVAL_KEYS
 from jaxseg.train.checkpoint import param_shapes
 from jaxseg.train.state import TrainState
 
@@ -107,6 +109,7 @@ RULES: dict[str, Rule] = {
     "train.loss.focal": NONNEG,
     "train.d_steps": COUNT,
     "train.ema_decay": FRACTION,
+    "train.accumulate_steps": COUNT,
     "train.feature_matching": NONNEG,
     "train.l1": NONNEG,
     "train.sample_every": COUNT,
@@ -181,6 +184,18 @@ def validate(config) -> None:
   loss = flat.get("train.loss.ce"), flat.get("train.loss.dice"), flat.get("train.loss.focal")
   if loss[0] is not None and not any(loss):
     raise JaxsegError("--config.train.loss: at least one of ce, dice, focal must be above 0")
+  best = flat.get("train.keep_best")
+  if best:
+    names = [*EVAL_KEYS, *(f"ema/{k}" for k in EVAL_KEYS)]
+    if best not in names:
+      raise JaxsegError(f"--config.train.keep_best={best!r} is not one of: {', '.join(names)} "
+                        f"(or \"\": off)")
+    if best.startswith("ema/") and not flat.get("train.ema_decay"):
+      raise JaxsegError(f"--config.train.keep_best={best!r} needs the weight average: set "
+                        f"--config.train.ema_decay (e.g. 0.999) or keep_best={best[4:]!r}")
+    if not flat.get("train.eval_every"):
+      raise JaxsegError(f"--config.train.keep_best={best!r} needs evaluations to choose from: "
+                        f"set --config.train.eval_every > 0 (it is {flat.get('train.eval_every')})")
 
 
 # --- plain settings ----------------------------------------------------------------------------
@@ -198,6 +213,7 @@ class LoopSettings:
   sample_every: int = 0  # 0: no sample pictures (the GAN draws them)
   max_nonfinite_steps: int = 5
   seed: int = 0
+  keep_best: str = ""  # a val score (EVAL_KEYS, or "ema/" + one): its best checkpoint is kept
 
 
 def loop_settings(config) -> LoopSettings:
@@ -205,7 +221,26 @@ def loop_settings(config) -> LoopSettings:
   return LoopSettings(steps=t.steps, batch_size=t.batch_size, log_every=t.log_every,
                       checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
                       eval_every=t.get("eval_every", 0), sample_every=t.get("sample_every", 0),
-                      max_nonfinite_steps=t.get("max_nonfinite_steps", 5), seed=t.seed)
+                      max_nonfinite_steps=t.get("max_nonfinite_steps", 5), seed=t.seed,
+                      keep_best=t.get("keep_best", ""))
+
+
+def ema_decay(config) -> float:
+  """train.ema_decay (0: no weight average); runs written before the key existed have none."""
+  return float(config.train.get("ema_decay", 0.0))
+
+
+def accumulate_steps(config, mesh) -> int:
+  """train.accumulate_steps, checked against the batch: every micro-batch must be spread
+  evenly over every device (jaxseg.train.steps.micro_batches)."""
+  n = int(config.train.get("accumulate_steps", 1))
+  devices = mesh.devices.size
+  if config.train.batch_size % (n * devices):
+    raise JaxsegError(
+        f"--config.train.accumulate_steps={n}: train.batch_size={config.train.batch_size} must "
+        f"be divisible by accumulate_steps x the {devices} devices ({n * devices}), so that "
+        f"every micro-batch is spread evenly over the devices")
+  return n
 
 
 def compute_dtype(name: str):
@@ -377,6 +412,8 @@ def insert_pretrained(state, variables, state_sharding):
   (already checked by `check_pretrained`)."""
   replaced = {c: {**getattr(state, c), "backbone": variables[c]}
               for c in ("params", "batch_stats")}
+  if ema_lib.has_average(state):  # the average starts from the weights training starts from
+    replaced["ema"] = ema_lib.init(replaced["params"], replaced["batch_stats"])
   return jax.device_put(state.replace(**replaced), state_sharding)
 
 
@@ -403,33 +440,34 @@ def materialize(init: Callable, seed: int, mesh, check: Callable | None = None):
   return jax.jit(init, out_shardings=state_sharding)(rng), state_sharding
 
 
-def _segmentation_state(model, tx, image_shape, rng) -> TrainState:
+def _segmentation_state(model, tx, image_shape, with_ema, rng) -> TrainState:
   params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
   variables = model.init({"params": params_rng, "dropout": dropout_rng},
                          jnp.zeros((1, *image_shape), jnp.float32), train=False)
   return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats", {}), rng=state_rng)
+                           batch_stats=variables.get("batch_stats", {}), rng=state_rng,
+                           with_ema=with_ema)
 
 
 def segmentation_init(config, model, image_shape) -> Callable:
   """`init(key) -> TrainState` of a CNN for images of `image_shape` (H, W, C) with the
   config's optimizer: for `materialize` (training) or `abstract_state` (a finished run)."""
   _, tx = optimizer(config)
-  return functools.partial(_segmentation_state, model, tx, image_shape)
+  return functools.partial(_segmentation_state, model, tx, image_shape, ema_decay(config) > 0)
 
 
-def _gnn_state(model, tx, example, rng) -> TrainState:
+def _gnn_state(model, tx, example, with_ema, rng) -> TrainState:
   params_rng, state_rng = jax.random.split(rng)
   params = model.init(params_rng, example, train=False)["params"]
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={},
-                           rng=state_rng)
+                           rng=state_rng, with_ema=with_ema)
 
 
 def gnn_init(config, model, example) -> Callable:
   """`init(key) -> TrainState` of the superpixel GNN; `example` is one padded GraphsTuple,
   which fixes the node and edge feature widths (`example_graph`)."""
   _, tx = optimizer(config)
-  return functools.partial(_gnn_state, model, tx, example)
+  return functools.partial(_gnn_state, model, tx, example, ema_decay(config) > 0)
 
 
 def example_graph(num_classes: int, extra_features: int = 0):

@@ -17,10 +17,12 @@ temporary directory behind.
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import hashlib
 import json
 import logging as py_logging
+import math
 import os
 import re
 import shutil
@@ -188,29 +190,59 @@ class Checkpointer:
   """Saves/restores {state, data iterator, identity} under `directory`, keeping the last `keep`."""
 
   def __init__(self, directory: str, identity: dict[str, Any], *, keep: int = 3,
-               async_save: bool = True, sampler=None):
+               async_save: bool = True, sampler=None, best: str = ""):
     """`sampler` (the training loader's `pipeline.GlobalBatchSampler`) lets a run resume on
     another number of processes: each process saves its own iterator state, and the one
-    for a new layout is rebuilt from the global batches consumed."""
+    for a new layout is rebuilt from the global batches consumed.
+
+    `best` (a key of the metrics given to `save`, e.g. "eval/miou", higher is better) keeps
+    the checkpoint with its highest value beside the last `keep`: Orbax writes the metrics
+    into the step's directory (so the choice survives a restart and a kill) and its
+    preservation policy keeps what either rule wants. Ties go to the later step."""
     self.directory = os.path.abspath(directory)
     self.identity = identity
     self.sampler = sampler
+    self.best = best
     self._unconfirmed: int | None = None  # the step of the save in flight
     self._failed: set[int] = set()  # steps whose save failed: temporaries to remove on close
     _quiet_orbax_noise()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            save_root_metadata=False),
+            create=True, enable_async_checkpointing=async_save, save_root_metadata=False,
+            **self._keeping(keep, best)),
         item_names=("state", "data", "identity", "progress"),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.PyGrainCheckpointHandler(),
                        "identity": ocp.JsonCheckpointHandler(),
                        "progress": ocp.JsonCheckpointHandler()})
 
+  @staticmethod
+  def _keeping(keep: int, best: str) -> dict[str, Any]:
+    if not best:
+      return {"max_to_keep": keep}
+    score = functools.partial(_score, best)
+    policies = ocp.checkpoint_managers
+    return {"best_fn": score, "best_mode": "max",  # best_fn: Orbax then records metrics
+            "preservation_policy": policies.AnyPreservationPolicy([
+                policies.LatestN(n=keep),
+                policies.BestN(get_metric_fn=score, n=1,
+                               keep_checkpoints_without_metrics=False)])}
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best `best` metric (None without `best` or a scored checkpoint)."""
+    if not self.best:
+      return None
+    scored = [s for s in self.manager.all_steps() if self.metrics(s) is not None]
+    # Orbax's own ranking (stable: of equal scores the later step wins, as BestN keeps it).
+    return max(scored, key=lambda s: (_score(self.best, self.metrics(s)), s), default=None)
+
+  def metrics(self, step: int) -> dict[str, Any] | None:
+    """The metrics saved with `step` (None: saved without, or without `best`)."""
+    return self.manager.metrics(step) if self.best else None
 
   def last_good_step(self) -> int | None:
     """The newest checkpoint known to be complete (a save still in flight is not)."""
@@ -338,11 +370,12 @@ class Checkpointer:
     return self._restore_item(step, "state", ocp.args.StandardRestore(abstract_state))
 
   def save(self, step: int, state, data_iterator=None, *, progress: dict | None = None,
-           force: bool = False) -> bool:
+           metrics: dict[str, float] | None = None, force: bool = False) -> bool:
     """Starts an asynchronous save; returns whether a save was started.
 
-    `progress` is small JSON run bookkeeping (e.g. training seconds so far). A previous save
-    that failed in the background raises here, in one line (see `wait`).
+    `progress` is small JSON run bookkeeping (e.g. training seconds so far); `metrics` the
+    step's val scores, which rank it for `best`. A previous save that failed in the
+    background raises here, in one line (see `wait`).
     """
     self.wait()
     if not force and not self.manager.should_save(step):
@@ -356,7 +389,11 @@ class Checkpointer:
       # Orbax makes the step's directory in a thread that the others wait on for 5 minutes
       # (its coordination timeout) when that fails: a full or read-only disk is found here.
       self._probe_writable()
-      started = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+      scores = None
+      if self.best and metrics:
+        scores = {k: float(v) for k, v in metrics.items()}
+      started = self.manager.save(step, args=ocp.args.Composite(**args), force=force,
+                                  metrics=scores)
     except Exception as e:  # pylint: disable=broad-except
       self._raise_if_write_fault(step, e)
       raise
@@ -447,6 +484,14 @@ class Checkpointer:
     return moved
 
 
+def _score(key: str, metrics) -> float:
+  """A checkpoint's rank for `best`: its metric, -inf when missing or not finite (a NaN would
+  make the order meaningless)."""
+  value = (metrics or {}).get(key)
+  value = float("-inf") if value is None else float(value)
+  return value if math.isfinite(value) else float("-inf")
+
+
 def _newest_intact(ckpt: Checkpointer, attempt: Callable[[int], Any]):
   """(attempt(step), step, damaged) for the newest step whose attempt does not raise
   `DamagedCheckpoint`; (None, None, []) without checkpoints; a one-line error when every
@@ -473,24 +518,32 @@ def _damage_line(ckpt: Checkpointer, damaged, step: int, doing: str) -> str:
           f"intact one")
 
 
-def restore_latest_state(ckpt: Checkpointer, abstract_state) -> tuple[Any, int]:
+def restore_latest_state(ckpt: Checkpointer, abstract_state, step: int | None = None
+                         ) -> tuple[Any, int]:
   """(train state, step) of the newest intact checkpoint, for inference; a damaged newer one
   is passed over with a warning (and left in place: reading changes nothing on disk).
 
   `abstract_state` is the abstract train state, or a function of a checkpoint's saved
-  identity that returns it (a model whose classes come from the checkpoint)."""
+  identity that returns it (a model whose classes come from the checkpoint). `step` asks
+  for that checkpoint (e.g. the best one); damaged, the newest intact one is used instead,
+  with a warning."""
   def attempt(step):
     target = abstract_state
     if callable(abstract_state):
       target = abstract_state(ckpt.saved_identity(step))
     return ckpt.restore_state(step, target)
 
-  state, step, damaged = _newest_intact(ckpt, attempt)
-  if step is None:
+  if step is not None:
+    try:
+      return attempt(step), step
+    except DamagedCheckpoint as e:
+      logging.warning("%s; using the newest intact checkpoint instead", e)
+  state, found, damaged = _newest_intact(ckpt, attempt)
+  if found is None:
     raise JaxsegError(f"no checkpoint in {ckpt.directory}")
   if damaged:
-    logging.warning("%s", _damage_line(ckpt, damaged, step, "using"))
-  return state, step
+    logging.warning("%s", _damage_line(ckpt, damaged, found, "using"))
+  return state, found
 
 
 def resume(ckpt: Checkpointer, state, data_iterator=None):

@@ -10,6 +10,10 @@ import tqdm
 from jaxseg.data import pipeline
 from jaxseg.train import sharding
 
+# The val scores of segmentation and the superpixel GNN: metrics.jsonl's `eval/<key>` (and
+# `eval/ema/<key>` with train.ema_decay), and what train.keep_best may name.
+EVAL_KEYS = ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")
+
 
 def confusion_over(eval_step, state, source, mesh, batch_size, num_classes, validate,
                    num_examples=None, keep=0, operations=(), skip_log=None, desc=None):

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
+from jaxseg.train import ema as ema_lib
+
 
 KINDS = ("sagan", "mask")
 
@@ -36,7 +38,7 @@ class GANState:
   step: jax.Array
   g: ModelState
   d: ModelState
-  ema: Any  # exponential moving average of g.params: what samples and metrics use
+  ema: Any  # jaxseg.train.ema's average of g's params and batch_stats: what samples use
   rng: jax.Array  # raw key data, so it checkpoints like any array
   nonfinite_streak: jax.Array  # consecutive skipped steps (the shared non-finite policy)
   nonfinite_total: jax.Array  # skipped steps since the start of training
@@ -82,7 +84,7 @@ class GAN:
 
 
 def init_state(gan: GAN, example_batch, rng, g_tx, d_tx) -> GANState:
-  """Parameters from one example batch; the EMA starts at the initial generator."""
+  """Parameters from one example batch; the weight average starts at the initial generator."""
   g_rng, d_rng, z_rng, state_rng = jax.random.split(rng, 4)
   condition = gan.condition(example_batch)
   z = jax.random.normal(z_rng, (example_batch["image"].shape[0], gan.z_dim))
@@ -96,7 +98,8 @@ def init_state(gan: GAN, example_batch, rng, g_tx, d_tx) -> GANState:
                         batch_stats=g_vars.get("batch_stats", {}))
   d = ModelState.create(apply_fn=gan.discriminator.apply, params=d_vars["params"], tx=d_tx,
                         batch_stats=d_vars.get("batch_stats", {}))
-  return GANState(step=jnp.zeros((), jnp.int32), g=g, d=d, ema=g_vars["params"],
+  return GANState(step=jnp.zeros((), jnp.int32), g=g, d=d, ema=ema_lib.init(g.params,
+                                                                           g.batch_stats),
                   rng=jax.random.key_data(state_rng),
                   nonfinite_streak=jnp.zeros((), jnp.int32),
                   nonfinite_total=jnp.zeros((), jnp.int32))
@@ -179,11 +182,9 @@ def make_train_step(gan: GAN, *, d_steps: int = 1, ema_decay: float = 0.999,
     (g_loss, (stats, terms)), grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
         state.g.params)
     g = state.g.apply_gradients(grads=grads).replace(batch_stats=stats)
-    # TF's ExponentialMovingAverage(num_updates) warm-up: the decay grows as (1 + t)/(10 + t)
-    # up to ema_decay. A fixed 0.999 from step 0 keeps 0.999^t of the random initial weights:
-    # 55% after 600 steps, 14% after 2000, and the samples of a short run are noise.
-    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = optax.incremental_update(g.params, state.ema, 1.0 - decay)
+    # The weight average every task shares (TF's warm-up; t = updates applied so far).
+    ema = ema_lib.update(state.ema, g.params, g.batch_stats, ema_decay,
+                         state.step - state.nonfinite_total)
     out = {**d_metrics, "g_loss": g_loss, **terms}
     # The shared non-finite policy: a step whose losses or new weights (both networks, their
     # statistics, the EMA) are not all finite changes nothing but the step and the counters.
@@ -204,7 +205,8 @@ def make_sample(gan: GAN):
   """Returns `sample(state, z, condition) -> uint8 images` from the EMA generator."""
 
   def sample(state, z, condition):
-    images, _ = gan.generate(state.ema, state.g.batch_stats, z, condition, train=False)
+    images, _ = gan.generate(state.ema["params"], state.ema["batch_stats"], z, condition,
+                             train=False)
     return to_uint8(images)
 
   return sample

@@ -32,11 +32,9 @@ from jaxseg.errors import JaxsegError
 from jaxseg.models.superpixel_gnn import node_loss
 from jaxseg.train import build, loop, sharding
 from jaxseg.train.checkpoint import param_shapes, tree_signature
-from jaxseg.train.steps import apply_update
+from jaxseg.train.evaluation import EVAL_KEYS
+from jaxseg.train.steps import apply_update, weighted_mean_over
 from jaxseg.train.workdir import save_classes
-
-EVAL_KEYS = ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")
-
 
 def batch_indices(step: int, num_examples: int, batch_size: int, seed: int) -> np.ndarray:
   """Example indices of (1-based) `step`: consecutive slices of one seeded permutation per
@@ -80,21 +78,37 @@ def pooled_cnn_confusion(graphs: graph_data.GraphSet, num_classes: int) -> np.nd
   return confusion
 
 
-def make_steps(schedule, num_classes: int):
-  """Pure train/eval steps over graphs stacked on a leading device axis (vmapped)."""
+def make_steps(schedule, num_classes: int, accumulate_steps: int = 1, ema_decay: float = 0.0):
+  """Pure train/eval steps over graphs stacked on a leading device axis (vmapped).
+
+  With `accumulate_steps` > 1 the train batch holds that many micro-batches on its second
+  axis (`local_batch(..., micro=...)`), run one after the other; each one's loss and
+  gradients count by its pixel weight, so that they add up to the whole batch's exactly (the
+  GNN has no BatchNorm)."""
 
   def train_step(state, graphs):
     rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-    keys = jax.random.split(dropout_rng, graphs.n_node.shape[0])
 
-    def compute_loss(params):
-      logits = jax.vmap(lambda g, k: state.apply_fn(
-          {"params": params}, g, train=True, rngs={"dropout": k}))(graphs, keys)
-      return node_loss(logits.reshape(-1, num_classes), graphs.nodes["target"].reshape(-1),
-                       graphs.nodes["weight"].reshape(-1))
+    def loss_and_grads(graphs, dropout_rng):
+      keys = jax.random.split(dropout_rng, graphs.n_node.shape[0])
 
-    loss, grads = jax.value_and_grad(compute_loss)(state.params)
-    return apply_update(state, loss, grads, state.batch_stats, rng, schedule)
+      def compute_loss(params):
+        logits = jax.vmap(lambda g, k: state.apply_fn(
+            {"params": params}, g, train=True, rngs={"dropout": k}))(graphs, keys)
+        return node_loss(logits.reshape(-1, num_classes), graphs.nodes["target"].reshape(-1),
+                         graphs.nodes["weight"].reshape(-1))
+
+      return jax.value_and_grad(compute_loss)(state.params)
+
+    if accumulate_steps == 1:
+      loss, grads = loss_and_grads(graphs, dropout_rng)
+    else:
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), graphs)  # (micro, device, ...)
+      loss, grads = weighted_mean_over(
+          lambda m: loss_and_grads(*m), (micro, jax.random.split(dropout_rng, accumulate_steps)),
+          weight=lambda m: jnp.sum(m[0].nodes["weight"]))
+    return apply_update(state, loss, grads, state.batch_stats, rng, schedule,
+                        ema_decay=ema_decay)
 
   def eval_step(state, graphs):
     logits = jax.vmap(lambda g: state.apply_fn({"params": state.params}, g, train=False))(
@@ -120,8 +134,21 @@ def _put(tree, mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(spec, x), tree)
 
 
-def local_batch(graphs, indices, mesh, budget: Budget, ignore_index: int, mirror=None):
-  """The padded, device-stacked GraphsTuple of this process's share of global `indices`."""
+def local_batch(graphs, indices, mesh, budget: Budget, ignore_index: int, mirror=None,
+                micro: int = 1):
+  """The padded, device-stacked GraphsTuple of this process's share of global `indices`.
+
+  With `micro` > 1, each device's graphs are split into that many micro-batches (of
+  graphs_per_device / micro graphs each), stacked on a second axis: (devices, micro, ...)."""
+  if micro > 1:
+    shape = (-1, micro, budget.graphs_per_device // micro)  # (global devices, micro, graphs)
+    split = lambda a: None if a is None else np.asarray(a).reshape(shape)
+    by_device, flipped = split(indices), split(mirror)
+    share = dataclasses.replace(budget, graphs_per_device=budget.graphs_per_device // micro)
+    parts = [local_batch(graphs, by_device[:, i].reshape(-1), mesh, share, ignore_index,
+                         None if flipped is None else flipped[:, i].reshape(-1))
+             for i in range(micro)]
+    return jax.tree.map(lambda *xs: np.stack(xs, 1), *parts)
   local = len(mesh.local_devices)
   per_process = local * budget.graphs_per_device
   # Devices are ordered by process in the mesh, so process p holds the p-th slice.
@@ -197,6 +224,7 @@ def train_and_evaluate(config, workdir: str, cnn=None) -> dict[str, Any]:
     sharding.check_batch_size(batch_size, mesh)
     eval_batch = config.train.eval_batch_size or batch_size
     sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
+    micro = build.accumulate_steps(config, mesh)
     train_source, val_source = make_sources(config)  # the first data.num_train_examples
     if config.train.num_eval_examples:
       val_source = sources.Subset(val_source, config.train.num_eval_examples)
@@ -236,7 +264,7 @@ def train_and_evaluate(config, workdir: str, cnn=None) -> dict[str, Any]:
                                               config.train.seed, mesh)
     num_params = int(sum(x.size for x in jax.tree.leaves(state.params)))
     schedule, _ = build.optimizer(config)
-    train_step, eval_step = make_steps(schedule, num_classes)
+    train_step, eval_step = make_steps(schedule, num_classes, micro, build.ema_decay(config))
     data_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(train_step, in_shardings=(state_sharding, data_sharding),
                          out_shardings=(state_sharding, sharding.replicated(mesh)),
@@ -261,7 +289,7 @@ def train_and_evaluate(config, workdir: str, cnn=None) -> dict[str, Any]:
       indices = batch_indices(step, len(train_graphs), batch_size, config.train.seed)
       mirror = flips(step, batch_size, config.train.seed) if config.data.flip else None
       return _put(local_batch(train_graphs.graphs, indices, mesh, train_budget, ignore,
-                              mirror), mesh)
+                              mirror, micro), mesh)
 
     def evaluate(state, step):
       del step

@@ -24,6 +24,11 @@ and `Run` does the rest, the same way for every task:
 - one non-finite policy: the step itself keeps parameters, optimizer state, BatchNorm
   statistics and RNG when its loss, gradients or update are not finite (it only advances
   the counters); the loop logs each such step and stops after `max_nonfinite_steps` in a row;
+- the weight average (train.ema_decay, jaxseg.train.ema): each evaluation scores the raw and
+  the averaged weights ("eval/<key>" and "eval/ema/<key>"), and summary.json has both;
+- the best checkpoint (train.keep_best): every evaluated step is saved with its scores, and
+  the one with the best score is kept beside the last `keep_checkpoints`
+  (summary.json's `best_step`, `best_metric`, `best_value`);
 - one definition of the timing figures (`Chrono`) and one writer of summary.json.
 """
 
@@ -41,6 +46,7 @@ from absl import logging
 
 from jaxseg.errors import JaxsegError
 from jaxseg.train import distributed, xla_stats
+from jaxseg.train import ema as ema_lib
 from jaxseg.train.build import LoopSettings
 from jaxseg.train.checkpoint import Checkpointer, DamagedCheckpoint, resume
 from jaxseg.train.logging import MetricWriter, Progress
@@ -52,7 +58,7 @@ RESUMABLE_CHANGES = (
     "train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.num_eval_examples", "train.num_prediction_images",
     "train.eval_batch_size", "train.sample_every", "train.num_samples",
-    "train.max_nonfinite_steps", "data.worker_count", "data.prefetch",
+    "train.max_nonfinite_steps", "train.keep_best", "data.worker_count", "data.prefetch",
     "data.skip_bad_examples", "data.data_dir", "model.pretrained", "eval.")
 CHANGES_KEY = "changes"
 
@@ -60,9 +66,13 @@ CHANGES_KEY = "changes"
 @dataclasses.dataclass
 class Evaluation:
   """What a task's `evaluate(state, step)` returns: scalars for metrics.jsonl (keys start
-  with "eval/") and anything the task wants back for its summary (`result`)."""
+  with "eval/") and anything the task wants back for its summary (`result`).
+
+  For a state with a weight average the loop evaluates both weights and merges them: the
+  average's scalars as "eval/ema/<key>" and its result as `ema`."""
   scalars: dict[str, float]
   result: Any = None
+  ema: Any = None
 
 
 class Chrono:
@@ -191,8 +201,10 @@ class Run:
   def resume(self, state, identity: dict[str, Any], *, data_iterator=None, sampler=None):
     """The state of the workdir's newest intact checkpoint (with the data iterator moved to
     its position), or `state` when there is none; then writes config.json."""
+    best = self.settings.keep_best
     self.ckpt = Checkpointer(self.path("checkpoints"), identity,
-                             keep=self.settings.keep_checkpoints, sampler=sampler)
+                             keep=self.settings.keep_checkpoints, sampler=sampler,
+                             best=f"eval/{best}" if best else "")
     latest = self.ckpt.latest_step()
     changes = []
     if latest is not None:
@@ -222,6 +234,12 @@ class Run:
   def _evaluate(self, evaluate, state, step: int, held: dict | None = None) -> Evaluation:
     with self.chrono.pause():
       evaluation = evaluate(state, step)
+      if ema_lib.has_average(state):
+        averaged = evaluate(ema_lib.averaged(state), step)
+        evaluation = Evaluation(
+            {**evaluation.scalars,
+             **{f"eval/ema/{k.removeprefix('eval/')}": v for k, v in averaged.scalars.items()}},
+            evaluation.result, averaged.result)
     self.writer.write(step, {**(held or {}), **evaluation.scalars})
     return evaluation
 
@@ -285,7 +303,10 @@ class Run:
           sample_now = bool(samples and ((s.sample_every and step % s.sample_every == 0)
                                          or step == s.steps) and not stop)
           eval_now = evaluate is not None and self.is_eval_step(step) and not stop
-          save_now = step % s.checkpoint_every == 0 or step == s.steps or stop
+          # With keep_best every evaluated step is a candidate, so it is saved with its scores.
+          save_now = (step % s.checkpoint_every == 0 or step == s.steps or stop
+                      or (eval_now and bool(s.keep_best)))
+          evaluation = None
           if step == self.start + 1 or sample_now or eval_now or save_now:
             drain(*pending)
             pending = None
@@ -301,8 +322,10 @@ class Run:
               if miou is not None:
                 progress.write(f"step {step}: val mIoU {miou:.4f}")
           if save_now:
-            self.ckpt.save(step, state, data_iterator, force=step == s.steps or stop,
-                           progress=self.chrono.figures())
+            self.ckpt.save(step, state, data_iterator,
+                           force=step == s.steps or stop or evaluation is not None,
+                           progress=self.chrono.figures(),
+                           metrics=evaluation.scalars if evaluation is not None else None)
           if stop:
             if step in held:  # its evaluation is skipped: stop as soon as possible
               self.writer.write(step, held.pop(step))
@@ -342,6 +365,16 @@ class Run:
         "platform": jax.default_backend(),
         "global_batch_size": self.settings.batch_size,
     }
+    if self.final is not None and self.final.ema is not None:
+      result["weights"] = "ema"  # what load_run, evaluate and predict use by default
+      result.update({f"ema/{k.removeprefix('eval/ema/')}": v
+                     for k, v in self.final.scalars.items() if k.startswith("eval/ema/")})
+    if self.settings.keep_best:
+      self.ckpt.wait()
+      best = self.ckpt.best_step()
+      result.update({"best_metric": self.settings.keep_best, "best_step": best,
+                     "best_value": None if best is None else
+                     self.ckpt.metrics(best).get(f"eval/{self.settings.keep_best}")})
     write_json(self.path("summary.json"), result)
     return result
 

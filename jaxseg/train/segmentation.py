@@ -22,12 +22,9 @@ from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.train import build, loop, sharding
 from jaxseg.train.checkpoint import param_shapes, tree_signature
-from jaxseg.train.evaluation import confusion_over
+from jaxseg.train.evaluation import EVAL_KEYS, confusion_over
 from jaxseg.train.steps import make_eval_step, make_train_step
 from jaxseg.train.workdir import save_classes
-
-EVAL_KEYS = ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy")
-
 
 def create_train_state(config, model, mesh, image_shape, pretrained=None):
   """(state, its sharding): built with eval_shape, then materialised by jit into its sharding.
@@ -73,7 +70,9 @@ def jit_steps(config, mesh, state_sharding, num_classes, ignore_index, preproces
   loss_fn = build.loss(config, ignore_index)
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(loss_fn, preprocess, schedule,
-                                       config.optim.freeze_backbone_steps),
+                                       config.optim.freeze_backbone_steps,
+                                       accumulate_steps=build.accumulate_steps(config, mesh),
+                                       ema_decay=build.ema_decay(config)),
                        in_shardings=(state_sharding, batch_sharding),
                        out_shardings=(state_sharding, sharding.replicated(mesh)),
                        donate_argnums=0)
@@ -92,6 +91,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
     eval_batch = config.train.eval_batch_size or config.train.batch_size
     sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
+    build.accumulate_steps(config, mesh)  # checked before anything is read or compiled
     dtype = build.compute_dtype(config.model.dtype)
     num_eval = config.train.num_eval_examples or None
 

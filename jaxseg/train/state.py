@@ -1,4 +1,5 @@
-"""Train state: params, optimizer state, BatchNorm statistics, RNG and non-finite counters."""
+"""Train state: params, optimizer state, BatchNorm statistics, RNG, non-finite counters and
+the optional weight average."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax.training import train_state
+
+from jaxseg.train import ema as ema_lib
 
 
 class TrainState(train_state.TrainState):
@@ -20,11 +23,13 @@ class TrainState(train_state.TrainState):
   rng: jax.Array = None
   nonfinite_streak: jax.Array = None  # consecutive skipped steps
   nonfinite_total: jax.Array = None  # skipped steps since the start of training
+  # jaxseg.train.ema's average of params and batch_stats (train.ema_decay > 0), else None
+  ema: Any = None
 
   @classmethod
-  def create(cls, *, apply_fn, params, tx, batch_stats, rng, **kwargs):
+  def create(cls, *, apply_fn, params, tx, batch_stats, rng, with_ema: bool = False, **kwargs):
     return super().create(
         apply_fn=apply_fn, params=params, tx=tx, batch_stats=batch_stats,
         rng=jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
         nonfinite_streak=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32),
-        **kwargs)
+        ema=ema_lib.init(params, batch_stats) if with_ema else None, **kwargs)
