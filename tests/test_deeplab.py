@@ -1,17 +1,17 @@
-"""DeepLabV3+: output shapes, parameter counts from the paper's layer list, ASPP rates."""
+"""DeepLabV3+ through the shared model tester (tests/model_tester.py: shapes at odd sizes,
+parameter counts from the paper's layer list, bf16, gradients, 1 vs 8 devices), and what is
+DeepLab's own: logits at output stride 8, ASPP rates, dropout only in training."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model, deeplab
-from tests import helpers
+from tests import helpers, model_tester
+from tests.model_tester import Reference
 
-
-def _count(tree):
-  return sum(x.size for x in jax.tree.leaves(tree))
+SIZES = ((65, 97), (72, 100), (33, 47), (64, 64))
 
 
 def _bn(c):
@@ -19,7 +19,8 @@ def _bn(c):
 
 
 def _expected_params(num_classes, separable, backbone=42_500_160, c_in=2048, low=256):
-  """DeepLabV3+ head counted layer by layer from the paper (Sec. 3 and Fig. 2)."""
+  """DeepLabV3+ head counted layer by layer from the paper (Sec. 3 and Fig. 2); the backbone
+  is torchvision's ResNet-101 without its classifier."""
   f, proj = 256, 48
   conv = lambda k, i, o: k * k * i * o + _bn(o)
   sep = lambda i, o: 9 * i + _bn(i) + i * o + _bn(o)  # depthwise 3x3 + BN, pointwise + BN
@@ -31,21 +32,38 @@ def _expected_params(num_classes, separable, backbone=42_500_160, c_in=2048, low
   return backbone + aspp + head
 
 
-@pytest.mark.parametrize("separable", [False, True])
-def test_parameter_count_resnet101(separable):
-  model = create_model("deeplabv3plus", num_classes=21, backbone="resnet101",
-                       separable=separable)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
-                                                train=False))
-  assert _count(variables["params"]) == _expected_params(21, separable)
+def _resnet101_deeplab(separable):
+  return lambda: create_model("deeplabv3plus", num_classes=21, backbone="resnet101",
+                              separable=separable)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (72, 100), (33, 47)])
-@pytest.mark.parametrize("output_stride", [8, 16])
-def test_logits_have_input_size(size, output_stride):
-  model = deeplab.DeepLabV3Plus(num_classes=5, backbone=helpers.TINY_RESNET,
-                                output_stride=output_stride, aspp_features=16,
-                                decoder_features=16, low_level_features=8)
+class TestDeepLabV3Plus(model_tester.SegmentationModelTester):
+  name, sizes = "deeplabv3plus", SIZES  # output stride 16
+  kwargs = dict(backbone=helpers.register_tiny_backbone(), aspp_features=16,
+                decoder_features=16, low_level_features=8)
+  references = {"resnet101": Reference(_resnet101_deeplab(False), _expected_params(21, False)),
+                "resnet101_separable": Reference(_resnet101_deeplab(True),
+                                                 _expected_params(21, True))}
+
+  def test_dropout_only_in_training(self, variables):
+    # Traced, not run: the evaluation pass draws no random numbers, the training pass does
+    # (dropout is DeepLab's only randomness).
+    model = self.make(jnp.float32)
+    x = jnp.zeros((2, 32, 32, 3))
+
+    def draws(train):
+      jaxpr = jax.make_jaxpr(lambda v, key: model.apply(
+          v, x, train=train, mutable=["batch_stats"], rngs={"dropout": key}))(
+              variables, jax.random.key(0))
+      return "random_bits" in str(jaxpr)
+
+    assert not draws(False) and draws(True)
+
+
+@pytest.mark.parametrize("size", SIZES[:3])
+def test_logits_have_input_size_at_output_stride_8(size):
+  model = deeplab.DeepLabV3Plus(num_classes=5, backbone=helpers.TINY_RESNET, output_stride=8,
+                                aspp_features=16, decoder_features=16, low_level_features=8)
   x = jnp.ones((2, *size, 3))
   logits, _ = jax.eval_shape(lambda: model.init_with_output(
       {"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=True))
@@ -64,21 +82,6 @@ def test_aspp_rates_follow_output_stride(output_stride, rates):
   used = sorted({e.params["rhs_dilation"][0] for e in jaxpr.jaxpr.eqns
                  if e.primitive.name == "conv_general_dilated"} - {1, 2})
   assert used == rates == list(deeplab.ASPP_RATES[output_stride])
-
-
-def test_bf16_model_fp32_params_and_dropout_only_in_training():
-  model = deeplab.DeepLabV3Plus(num_classes=4, backbone=helpers.TINY_RESNET, aspp_features=16,
-                                decoder_features=16, low_level_features=8, dtype=jnp.bfloat16,
-                                dropout_rate=0.5)
-  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
-  variables = model.init(jax.random.key(1), x, train=False)
-  assert {v.dtype for v in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
-  logits = model.apply(variables, x, train=False)
-  assert logits.dtype == jnp.bfloat16 and np.isfinite(np.asarray(logits, np.float32)).all()
-  np.testing.assert_array_equal(logits, model.apply(variables, x, train=False))
-  train = lambda seed: model.apply(variables, x, train=True, mutable=["batch_stats"],
-                                   rngs={"dropout": jax.random.key(seed)})[0]
-  assert not np.array_equal(train(0), train(1))
 
 
 def test_unknown_model_lists_choices():

@@ -1,5 +1,6 @@
-"""ResNet trunk: torchvision parameter counts, output stride by dilation, stable names."""
-
+"""The ResNet trunk through the shared model tester (tests/model_tester.py: shapes at odd
+sizes, torchvision's and Keras's parameter counts, bf16, gradients, 1 vs 8 devices), and what is
+the ResNet's own: output stride by dilation, stable parameter names, the two styles."""
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,8 @@ from flax import traverse_util
 from jaxseg import layers
 from jaxseg.backbones import BACKBONES, get_backbone, resnet
 from jaxseg.errors import JaxsegError
+from tests import helpers, model_tester
+from tests.model_tester import Reference
 
 
 def _variables(module, size=64):
@@ -17,14 +20,26 @@ def _variables(module, size=64):
                                             train=False))
 
 
-def _count(tree):
-  return sum(x.size for x in jax.tree.leaves(tree))
+class TestResNet(model_tester.BackboneTester):
+  """The tiny ResNet (one block per stage, width 8) through the shared model tester."""
 
+  features = {"stem": (8, 2), "stage1": (32, 4), "stage2": (64, 8), "stage3": (128, 16),
+              "stage4": (256, 32)}
+  sizes = ((65, 97), (64, 96), (33, 47))
+  references = {
+      # torchvision resnet50 / resnet101 parameters() without fc.weight / fc.bias.
+      "resnet50": Reference(get_backbone("resnet50"), 23_508_032),
+      "resnet101": Reference(get_backbone("resnet101"), 42_500_160),
+      # keras.applications.ResNet50/101(include_top=False).count_params(): weights, biases and
+      # BN moving statistics; that is torchvision's count + one bias per conv + the BN
+      # statistics.
+      "keras_resnet50": Reference(lambda: resnet.ResNet50(style="keras"), 23_587_712,
+                                  ("params", "batch_stats")),
+      "keras_resnet101": Reference(lambda: resnet.ResNet101(style="keras"), 42_658_176,
+                                   ("params", "batch_stats"))}
 
-# torchvision resnet50 / resnet101 parameters() without fc.weight / fc.bias.
-@pytest.mark.parametrize("name, expected", [("resnet50", 23_508_032), ("resnet101", 42_500_160)])
-def test_trunk_parameter_count_matches_torchvision(name, expected):
-  assert _count(_variables(get_backbone(name)())["params"]) == expected
+  def make(self, dtype):
+    return helpers.TINY_RESNET(dtype=dtype)
 
 
 @pytest.mark.parametrize("output_stride, reductions", [
@@ -89,29 +104,12 @@ def test_parameter_names_are_the_documented_contract():
   assert len([p for p in flat if p.startswith("stage3/block") and p.endswith("conv1/conv/kernel")]) == 6
 
 
-def test_bf16_compute_keeps_fp32_params():
-  module = resnet.ResNet(stage_sizes=(1, 1, 1, 1), width=8, dtype=jnp.bfloat16)
-  features, variables = module.init_with_output(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                 train=False)
-  assert features["stage4"].dtype == jnp.bfloat16
-  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-
-
 def test_unknown_backbone_lists_choices():
   # Other tests may have registered their tiny backbone: the message lists the live registry.
   with pytest.raises(JaxsegError) as error:
     get_backbone("resnet18")
   assert f"valid choices: {', '.join(sorted(BACKBONES))}" in str(error.value)
   assert {"resnet50", "resnet101", "xception"} <= set(BACKBONES)
-
-
-# keras.applications.ResNet50/101(include_top=False).count_params(): weights, biases and BN
-# moving statistics; that is torchvision's count + one bias per conv + the BN statistics.
-@pytest.mark.parametrize("factory, expected", [(resnet.ResNet50, 23_587_712),
-                                               (resnet.ResNet101, 42_658_176)])
-def test_keras_style_matches_keras_count(factory, expected):
-  variables = _variables(factory(style="keras"))
-  assert _count(variables) == expected
 
 
 @pytest.mark.parametrize("style, strided", [("torchvision", {(7, 7), (3, 3), (1, 1)}),

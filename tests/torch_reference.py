@@ -2,9 +2,8 @@
 forward passes of torchvision's ResNet, timm's xception65 and timm's legacy_xception.
 
 Written for the tests from the published architectures, so that the .pth/.safetensors
-converters are checked key by key and numerically where torchvision/timm do not import (the
-CPU-only torch wheel here has no torchvision). Where they do, test_weights_torch.py also checks
-against the real libraries.
+converters are checked key by key and numerically without torchvision or timm (which the
+test extra also installs: test_weights_torch.py checks against the real libraries as well).
 """
 
 from __future__ import annotations
