@@ -79,7 +79,7 @@ def main():
   parser.add_argument("--backbone", default="resnet101")
   parser.add_argument("--image_size", type=int, nargs="+", default=[512])
   parser.add_argument("--batch_size", type=int, default=2, help="global batch")
-  parser.add_argument("--dtype", default="auto", choices=segmentation.DTYPES)
+  parser.add_argument("--dtype", default="auto", choices=build.DTYPES)
   parser.add_argument("--output_stride", type=int, default=16)
   parser.add_argument("--separable", action="store_true")
   parser.add_argument("--num_classes", type=int, default=19)

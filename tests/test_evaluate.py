@@ -149,11 +149,11 @@ def test_the_batch_must_split_over_the_devices(tiny_run):
     evaluate.evaluate(run, source, batch_size=3)
 
 
-def test_readme_evaluation_example_runs(unet_run, tmp_path):
-  """The README's evaluation snippet, on this test's run instead of the runs it names."""
+def test_docs_evaluation_example_runs(unet_run, tmp_path):
+  """docs/evaluation.md's library snippet, on this test's run instead of the runs it names."""
   import re  # pylint: disable=g-import-not-at-top
-  readme = (ROOT / "README.md").read_text()
-  code = next(b for b in re.findall(r"```python\n(.+?)```", readme, re.S) if "Ensemble" in b)
+  page = (ROOT / "docs" / "evaluation.md").read_text()
+  code = next(b for b in re.findall(r"```python\n(.+?)```", page, re.S) if "Ensemble" in b)
   for name in ("runs/deeplab_resnet101_synthetic", "runs/unet_attention_synthetic"):
     assert name in code
     code = code.replace(name, str(unet_run))
