@@ -38,7 +38,21 @@ def _images_128():
   return jnp.zeros((2, 128, 128, 3)), jnp.zeros((2,), jnp.int32)
 
 
-class TestGenerator(model_tester.ModelTester):
+class ImageGenerator(model_tester.ModelTester):
+  """A generator's contract: an image of the asked size in [-1, 1] (tanh), trained here
+  towards a random target image."""
+
+  def loss(self, outputs, example):
+    return jnp.mean(jnp.square(outputs - example["target"]))
+
+  def expected_shapes(self, batch, size):
+    return (batch, *size, 3)
+
+  def check_outputs(self, outputs):
+    assert float(np.abs(outputs).max()) <= 1
+
+
+class TestGenerator(ImageGenerator):
   """z (B, 16) and a class -> a 16x16 image (two blocks, attention at 8x8); the output size is
   the model's resolution."""
 
@@ -58,14 +72,6 @@ class TestGenerator(model_tester.ModelTester):
   def inputs(self, example):
     return example["z"], example["class"]
 
-  def loss(self, outputs, example):
-    return jnp.mean(jnp.square(outputs - example["target"]))
-
-  def expected_shapes(self, batch, size):
-    return (batch, *size, 3)
-
-  def check_outputs(self, outputs):
-    assert float(np.abs(outputs).max()) <= 1
 
 
 class TestDiscriminator(model_tester.ModelTester):
@@ -95,7 +101,7 @@ class TestDiscriminator(model_tester.ModelTester):
     return (batch,)
 
 
-class TestMaskToImageGenerator(model_tester.ModelTester):
+class TestMaskToImageGenerator(ImageGenerator):
   """A label map (with ignored pixels) and z -> an image of the map's size (multiples of 4)."""
 
   sizes = ((16, 24), (18, 26))  # multiples of 2 (two blocks); attention at height 8 in the first
@@ -116,14 +122,6 @@ class TestMaskToImageGenerator(model_tester.ModelTester):
   def inputs(self, example):
     return example["label"], example["z"]
 
-  def loss(self, outputs, example):
-    return jnp.mean(jnp.square(outputs - example["target"]))
-
-  def expected_shapes(self, batch, size):
-    return (batch, *size, 3)
-
-  def check_outputs(self, outputs):
-    assert float(np.abs(outputs).max()) <= 1
 
   def test_the_label_map_steers_the_image(self, variables):
     model = self.make(jnp.float32)
