@@ -80,7 +80,7 @@ def test_two_steps_end_to_end_writes_every_output(tmp_path):
     (["--dataset=camvid", f"--data_dir={helpers.CAMVID}", "--config.data.crop_size=(1,2,3)"],
      "error: --config.data.crop_size=(1, 2, 3) must be two numbers"),
     (["--config.train.stepz=3"], "error: unknown config key --config.train.stepz; valid keys "
-                                 "under train: batch_size,"),
+                                 "under train: accumulate_steps, batch_size,"),
     (["--config.model.dtype=float16"], "error: --config.model.dtype='float16' is not one of: "
                                        "auto, float32, bfloat16"),
     (["--config.train.batch_size=3"], "error: --config.train.batch_size=3 is not divisible by "
