@@ -1,7 +1,7 @@
 """Segments images by classifying their SLIC superpixels with a jraph graph network.
 
     python -m experiments.superpixel_gnn --dataset=camvid --data_dir=../shared/data/camvid
-    python -m experiments.superpixel_gnn --config.hybrid.cnn_workdir=runs/deeplab_synthetic
+    python -m experiments.superpixel_gnn --config.hybrid.cnn_workdir=runs/deeplab_resnet101_synthetic
 
 Writes WORKDIR/{summary.json (pixel metrics and the superpixel oracle), predictions.png (with
 superpixel boundaries), metrics.jsonl, graphs/ (the cached region graphs), checkpoints/};
