@@ -236,9 +236,10 @@ class Checkpointer:
     """The step with the best `best` metric (None without `best` or a scored checkpoint)."""
     if not self.best:
       return None
-    scored = [s for s in self.manager.all_steps() if self.metrics(s) is not None]
+    scores = {s: self.metrics(s) for s in self.manager.all_steps()}  # one read per step
     # Orbax's own ranking (stable: of equal scores the later step wins, as BestN keeps it).
-    return max(scored, key=lambda s: (_score(self.best, self.metrics(s)), s), default=None)
+    return max((s for s, m in scores.items() if m is not None),
+               key=lambda s: (_score(self.best, scores[s]), s), default=None)
 
   def metrics(self, step: int) -> dict[str, Any] | None:
     """The metrics saved with `step` (None: saved without, or without `best`)."""
