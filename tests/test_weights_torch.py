@@ -2,7 +2,6 @@
 .safetensors and .pth files of torchvision ResNets, timm xception65 and timm legacy_xception."""
 
 import os
-import sys
 
 import jax
 import numpy as np
@@ -128,39 +127,10 @@ def test_wrong_arch_names_the_first_missing_key(reference, tmp_path):
 
 # --- the real libraries (torchvision and timm are in the test extra) --------------------------
 
-_TORCHVISION_OPS = None  # the op declarations below; a torch.library.Library lives as long as it
-
-
-def _import_torchvision():
-  """torchvision, also where its C++ ops do not load.
-
-  The registry's torchvision wheels are CUDA builds (0.28.0 is 0.28.0+cu130): their ops (nms,
-  roi_align, ...) link libtorch_cuda, which the CPU build of torch that CI installs does not
-  have, and torchvision's import then stops at registering a shape function for
-  `torchvision::nms`. The models compared here are plain PyTorch and call none of those ops, so
-  when the import fails that way, the two ops it registers functions for are declared (without
-  kernels) and the import is retried. With a CPU build of torchvision the first import succeeds
-  and nothing is declared.
-  """
-  global _TORCHVISION_OPS
-  try:
-    import torchvision  # pylint: disable=g-import-not-at-top
-  except RuntimeError as error:
-    if "torchvision::" not in str(error) or _TORCHVISION_OPS is not None:
-      raise
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-      del sys.modules[name]  # the half-imported package, so that the retry starts afresh
-    _TORCHVISION_OPS = torch.library.Library("torchvision", "FRAGMENT")
-    for op in ("nms", "qnms"):
-      _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision  # pylint: disable=g-import-not-at-top
-  return torchvision
-
-
 def _library_model(arch):
   # Not importorskip: the test extra brings both, so a missing one is a broken install that
   # would otherwise turn these parity tests into silent skips.
-  torchvision = _import_torchvision()
+  torchvision = torch_reference.import_torchvision()
   if arch.startswith("resnet"):
     return getattr(torchvision.models, arch)(weights=None), "torch"
   import timm  # pylint: disable=g-import-not-at-top  # imports torchvision, hence after it

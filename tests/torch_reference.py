@@ -8,6 +8,8 @@ test extra also installs: test_weights_torch.py checks against the real librarie
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -213,3 +215,40 @@ REFERENCES = {
     "xception65": Xception65,
     "legacy_xception": LegacyXception,
 }
+
+
+_TORCHVISION_OPS = None  # the op declarations below; a torch.library.Library lives as long as it
+
+
+def import_torchvision():
+  """torchvision, also where its C++ ops do not load.
+
+  The registry's torchvision wheels are CUDA builds (0.28.0 is 0.28.0+cu130): their ops (nms,
+  roi_align, ...) link libtorch_cuda, which the CPU build of torch that CI installs does not
+  have, and torchvision's import then stops at registering a shape function for
+  `torchvision::nms`. The models compared here are plain PyTorch and call none of those ops, so
+  when the import fails that way, the two ops it registers functions for are declared (without
+  kernels) and the import is retried. With a CPU build of torchvision the first import succeeds
+  and nothing is declared.
+  """
+  global _TORCHVISION_OPS
+  try:
+    import torchvision  # pylint: disable=g-import-not-at-top
+  except RuntimeError as error:
+    if "torchvision::" not in str(error) or _TORCHVISION_OPS is not None:
+      raise
+    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+      del sys.modules[name]  # the half-imported package, so that the retry starts afresh
+    _TORCHVISION_OPS = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+      _TORCHVISION_OPS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision  # pylint: disable=g-import-not-at-top
+  return torchvision
+
+
+def import_smp():
+  """segmentation_models_pytorch, which imports timm and hence torchvision (see
+  `import_torchvision`)."""
+  import_torchvision()
+  import segmentation_models_pytorch  # pylint: disable=g-import-not-at-top
+  return segmentation_models_pytorch
