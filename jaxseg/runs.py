@@ -164,7 +164,7 @@ WEIGHTS = ("ema", "raw")
 
 def _restore(workdir: str, flag: str, build_state: Callable, config, checkpoint):
   """(state, step, identity) of the checkpoint asked for (see `load_run`), or the newest
-  intact one; `build_state(num_classes)` gives the abstract train state (shapes, dtypes and
+  intact one; `build_state(identity)` (the saved identity: num_classes, in_channels...) gives the abstract train state (shapes, dtypes and
   shardings: nothing is computed or compiled) that it is restored into."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):  # (Orbax's manager would create it)
@@ -184,7 +184,7 @@ def _restore(workdir: str, flag: str, build_state: Callable, config, checkpoint)
       wanted = checkpoint
 
     def abstract(identity):  # of the step restored: a damaged newest one is passed over
-      state = build_state(identity["num_classes"])
+      state = build_state(identity)
       ckpt.identity = {**identity, "params": param_shapes(state.params)}
       return state
 
@@ -221,9 +221,10 @@ def load_run(workdir: str, flag: str = "workdir", *, checkpoint: str | int = "be
   mesh = sharding.make_mesh()
   model = {}
 
-  def build_state(num_classes):
-    model["cnn"] = build.segmentation_model(config, num_classes)
-    init = build.segmentation_init(config, model["cnn"], (64, 64, 3))
+  def build_state(identity):
+    model["cnn"] = build.segmentation_model(config, identity["num_classes"])
+    init = build.segmentation_init(config, model["cnn"],
+                                   (64, 64, identity.get("in_channels", 3)))
     return build.abstract_state(init, config.train.seed, mesh)
 
   state, step, identity = _restore(workdir, flag, build_state, config, checkpoint)
@@ -241,7 +242,8 @@ def _load_graph_run(workdir: str, flag: str, config, checkpoint, weights) -> Gra
   mesh = sharding.make_mesh()
   model = {}
 
-  def build_state(num_classes):
+  def build_state(identity):
+    num_classes = identity["num_classes"]
     model["gnn"] = build.gnn_model(config, num_classes)
     example = build.example_graph(num_classes, num_classes if cnn is not None else 0)
     return build.abstract_state(build.gnn_init(config, model["gnn"], example),

@@ -18,6 +18,32 @@ def colorize(labels: np.ndarray, palette: np.ndarray, ignore_index: int = 255,
   return lut[np.asarray(labels, np.uint8)]
 
 
+def as_rgb(images: np.ndarray, bands: Sequence[int] | None = None,
+           what: str = "--config.data.display_bands") -> np.ndarray:
+  """uint8 RGB (N, H, W, 3) to look at, from images (N, H, W, C) of any channel count and dtype.
+
+  `bands`: the one band shown in grey or the three shown as R, G, B (e.g. (3, 2, 1), a
+  satellite tile's false colour); by default RGB as it is and the first band otherwise. 8-bit
+  bands are shown as they are; others (16-bit, float) stretched per image and band between
+  their 2nd and 98th percentiles, as remote-sensing viewers do, so a 12-bit scan is not black.
+  """
+  images = np.asarray(images)
+  c = images.shape[-1]
+  if bands is None or len(bands) == 0:
+    bands = (0, 1, 2) if c == 3 else (0,)
+  bands = tuple(int(b) for b in bands)
+  if len(bands) not in (1, 3) or not all(0 <= b < c for b in bands):
+    raise ValueError(f"{what}={bands}: give 1 or 3 band indices in 0..{c - 1}")
+  chosen = images[..., list(bands)]
+  if chosen.dtype != np.uint8:
+    values = chosen.astype(np.float32)
+    low = np.percentile(values, 2, axis=(1, 2), keepdims=True)
+    high = np.percentile(values, 98, axis=(1, 2), keepdims=True)
+    scaled = (values - low) / np.where(high > low, high - low, 1.0)
+    chosen = np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8)
+  return np.repeat(chosen, 3, axis=-1) if len(bands) == 1 else chosen
+
+
 def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
                     predictions: np.ndarray, class_names: Sequence[str], palette: np.ndarray,
                     *, ignore_index: int = 255, title: str | None = None,

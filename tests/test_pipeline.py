@@ -77,7 +77,7 @@ def test_bad_label_stops_the_loader_with_a_clear_error():
 
 
 def test_unknown_dataset_lists_choices():
-  with pytest.raises(JaxsegError, match="valid choices: camvid, cityscapes, coco, synthetic"):
+  with pytest.raises(JaxsegError, match="valid choices: ade20k, camvid, cityscapes, coco, folder, synthetic, voc"):
     get_dataset("cityscape", "train", image_size=16)
 
 

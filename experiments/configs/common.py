@@ -19,6 +19,7 @@ def data_section(*, image_pipeline: bool) -> ml_collections.ConfigDict:
   data.image_size = 64  # synthetic only: its resolution, square
   data.seed = 0  # dataset generation seed (synthetic)
   data.preset = "default"  # synthetic only: "default" or "hard" (see data/synthetic.py)
+  data.train_split = "train"  # voc: "train_aug" with data.options.sbd_dir
   data.val_split = "val"
   data.flip = True  # random horizontal flips (with crop_size)
   data.skip_bad_examples = False  # skip, log and count unreadable examples
@@ -37,6 +38,7 @@ def data_section(*, image_pipeline: bool) -> ml_collections.ConfigDict:
   data.options.labels = placeholder(str)  # coco: "instances", "panoptic" or "stuff"
   # coco: drop train images with at most this many labelled pixels (torchvision: voc, 1000)
   data.options.min_labelled_area = placeholder(int)
+  data.options.sbd_dir = placeholder(str)  # voc: SBD (benchmark_RELEASE/dataset) for train_aug
   if image_pipeline:
     # Unset (None): the dataset's own default (jaxseg.data.DATASETS). Sizes are (h, w) or one int.
     data.crop_size = placeholder(tuple)  # training crops; synthetic data is not augmented
@@ -46,6 +48,20 @@ def data_section(*, image_pipeline: bool) -> ml_collections.ConfigDict:
     data.photometric = True  # brightness/contrast/saturation/hue jitter (with crop_size)
     data.worker_count = 0  # grain worker processes; 0 decodes in the main process
     data.prefetch = 2  # batches read and sent to the devices ahead of the step
+    # Input channels: 0 reads them from the data (folder datasets: 1, 3, 4 or more).
+    data.in_channels = 0
+    # Without masks/val, this seeded share of a folder dataset's train split is val.
+    data.val_fraction = 0.1
+    # How images become model inputs: "auto" is the model's usual ImageNet / pretrained
+    # normalisation for 8-bit RGB and the train split's own per-channel statistics otherwise
+    # (computed once, cached in the workdir); "dataset" those for RGB too; "imagenet".
+    # data.mean / data.std, one number per channel, replace both.
+    data.normalize = "auto"
+    data.mean = placeholder(tuple)
+    data.std = placeholder(tuple)
+    # predictions.png of images that are not RGB: the band shown (one, grey) or the three shown
+    # as RGB, e.g. (3, 2, 1); unset: RGB as it is, else the first band.
+    data.display_bands = placeholder(tuple)
   return data
 
 
@@ -78,10 +94,23 @@ def train_section(*, val_metrics: bool, steps: int = 360, batch_size: int = 8,
   return train
 
 
-def segmentation_loss_weights() -> ml_collections.ConfigDict:
-  """`train.loss` of a pixel classifier: the weights of its terms (ce, dice, focal); Dice
-  counters the background's share of pixels."""
-  return ml_collections.ConfigDict({"ce": 1.0, "dice": 1.0, "focal": 0.0})
+def add_segmentation_loss(train: ml_collections.ConfigDict) -> None:
+  """`train.loss` of a pixel classifier, the weights of its terms (Dice counters the
+  background's share of pixels; the rest are off), their options, and class weights."""
+  train.loss = ml_collections.ConfigDict(
+      {"ce": 1.0, "dice": 1.0, "focal": 0.0, "lovasz": 0.0, "tversky": 0.0, "ohem": 0.0})
+  train.loss_options = ml_collections.ConfigDict({
+      # Salehi et al.: alpha weighs false positives, beta false negatives (0.5/0.5 is Dice).
+      "tversky": {"alpha": 0.5, "beta": 0.5, "gamma": 1.0},
+      "lovasz": {"per_image": False},
+      # mmsegmentation's OHEM: pixels whose true-class probability is under thresh, at least
+      # min_kept of them.
+      "ohem": {"thresh": 0.7, "min_kept": 100000},
+  })
+  # Per-class weights of ce, focal and ohem (and Dice's class mean): "" none; "auto"
+  # median-frequency balancing from the train masks (computed once, cached in the workdir);
+  # or one number per class, "1,5,2".
+  train.class_weights = ""
 
 
 def optim_section(*, backbone: bool, learning_rate: float = 2e-3,

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.data = common.data_section(image_pipeline=True)
   config.train = common.train_section(val_metrics=True)
-  config.train.loss = common.segmentation_loss_weights()
+  common.add_segmentation_loss(config.train)
   config.optim = common.optim_section(backbone=True)
 
   config.model = ml_collections.ConfigDict()

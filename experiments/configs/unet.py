@@ -25,7 +25,7 @@ def get_config(*, data: bool = True) -> ml_collections.ConfigDict:
   if data:
     config.data = common.data_section(image_pipeline=True)
   config.train = common.train_section(val_metrics=True)
-  config.train.loss = common.segmentation_loss_weights()
+  common.add_segmentation_loss(config.train)
   config.optim = common.optim_section(backbone=True)  # resnet50 takes model.pretrained
 
   config.model = ml_collections.ConfigDict()

@@ -1,7 +1,9 @@
 """Datasets: a registry of sources, each a grain RandomAccessDataSource with class metadata.
 
-Every source yields {"image": uint8 (H, W, 3), "label": uint8 (H, W)} and exposes
-`class_names`, `num_classes`, `palette` (uint8 (K, 3)) and `ignore_index`. Each registered
+Every source yields {"image": (H, W, C), "label": uint8 (H, W)} and exposes
+`class_names`, `num_classes`, `palette` (uint8 (K, 3)) and `ignore_index`. Images are uint8 RGB
+(C = 3) except in folder datasets, whose sources also say `in_channels` and `image_dtype`
+(uint8, uint16 or float32; see `channels`). Each registered
 dataset also carries its training defaults (crop size, scale range, how to evaluate), which an
 experiment's `data.*` config keys override.
 """
@@ -12,10 +14,14 @@ import dataclasses
 from typing import Callable
 
 from jaxseg.data import prepared
+from jaxseg.data.ade20k import ADE20K
 from jaxseg.data.camvid import CamVid
 from jaxseg.data.cityscapes import Cityscapes
 from jaxseg.data.coco import CocoSegmentation
+from jaxseg.data.files import channels
+from jaxseg.data.folder import FolderDataset
 from jaxseg.data.synthetic import SyntheticShapes
+from jaxseg.data.voc import PascalVOC
 from jaxseg.errors import JaxsegError
 
 
@@ -35,6 +41,7 @@ class DatasetSpec:
   eval_window: tuple[int, int] | None = None
   eval_size: tuple[int, int] | None = None
   on_disk: bool = True
+  crop_from_data: bool = False  # crop_size unset: the size of the first train image
 
 
 def _synthetic(split: str, *, image_size, seed: int = 0, num_examples=None,
@@ -53,6 +60,18 @@ DATASETS: dict[str, DatasetSpec] = {
                               eval_window=(512, 1024)),
     # COCO images are at most 640 on a side and differ in size: crops of 512 for training,
     # whole images padded to one 640x640 canvas (padding ignored) for evaluation.
+    # Your own data: crops the size of the first train image (so images of other sizes still
+    # batch), whole val images.
+    "folder": DatasetSpec(FolderDataset, ("val_fraction", "seed", "skip_bad_examples"),
+                          crop_from_data=True),
+    # Pascal VOC 2012 (train_aug: + SBD): mmseg's and DeepLab's 512x512 crops; val images are
+    # at most 500 on a side, padded to one 512x512 canvas.
+    "voc": DatasetSpec(PascalVOC, ("sbd_dir", "skip_bad_examples"), crop_size=(512, 512),
+                       eval_size=(512, 512)),
+    # ADE20K SceneParsing: mmseg's 512x512 crops, evaluated by 512x512 sliding window; val
+    # images differ in size, so data.eval_size must be set to a canvas that holds the largest.
+    "ade20k": DatasetSpec(ADE20K, ("skip_bad_examples",), crop_size=(512, 512),
+                          eval_window=(512, 512)),
     "coco": DatasetSpec(CocoSegmentation,
                         ("classes", "labels", "min_labelled_area", "skip_bad_examples"),
                         crop_size=(512, 512), eval_size=(640, 640)),
@@ -85,5 +104,5 @@ def dataset_spec(name: str) -> DatasetSpec:
   return DATASETS[name]
 
 
-__all__ = ["DATASETS", "DatasetSpec", "dataset_spec", "get_dataset", "CamVid", "Cityscapes",
-           "CocoSegmentation", "SyntheticShapes"]
+__all__ = ["DATASETS", "DatasetSpec", "channels", "dataset_spec", "get_dataset", "ADE20K", "CamVid",
+           "Cityscapes", "CocoSegmentation", "FolderDataset", "PascalVOC", "SyntheticShapes"]

@@ -88,6 +88,110 @@ def read_image(path: str) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image.convert("RGB"), np.uint8))
 
 
+# What a multi-band image may hold, and the dtype it is kept in: integers up to 16 bits as they
+# are (uint16 crosses to the device at half the size of float32), everything else as float32.
+_KEPT_DTYPES = (np.uint8, np.uint16, np.float32)
+_PIL_ARRAY_MODES = {"L": 1, "RGB": 3, "I;16": 1, "I;16B": 1, "I;16L": 1, "I": 1, "F": 1}
+
+
+def _as_hwc(array: np.ndarray, path: str) -> np.ndarray:
+  """(H, W) or (H, W, C) in uint8, uint16 or float32; other dtypes converted, refused if not
+  numbers."""
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3:
+    raise BadExample(f"{path}: image array has shape {array.shape}; expected (H, W) or "
+                     "(H, W, C) with channels last")
+  if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer)
+                                    or np.issubdtype(array.dtype, np.floating)):
+    raise BadExample(f"{path}: image dtype {array.dtype} is not a number type")
+  if array.dtype.type not in _KEPT_DTYPES:
+    array = array.astype(np.float32)
+  return np.ascontiguousarray(array)
+
+
+def _tiff_hwc(path: str) -> np.ndarray:
+  """A TIFF's first image as (H, W, C), whether its bands are interleaved or planar."""
+  import tifffile  # pylint: disable=g-import-not-at-top  # only folder datasets read TIFFs
+  try:
+    with tifffile.TiffFile(path) as tif:
+      series = tif.series[0]
+      array, axes = series.asarray(), series.axes
+  except (OSError, ValueError, KeyError, IndexError, tifffile.TiffFileError) as e:
+    raise BadExample(f"{path}: not a readable TIFF ({e})") from None
+  # tifffile names axes: Y, X rows and columns; S samples (interleaved); C, Q, I planes.
+  if "Y" not in axes or "X" not in axes or array.ndim > 3:
+    raise BadExample(f"{path}: TIFF axes {axes} (shape {array.shape}); expected one image of "
+                     "rows, columns and bands")
+  rest = [i for i, a in enumerate(axes) if a not in "YX"]
+  return np.transpose(array, [axes.index("Y"), axes.index("X"), *rest])
+
+
+def read_array(path: str) -> np.ndarray:
+  """(H, W, C) image of any channel count: uint8, uint16 or float32 as the file holds it.
+
+  .npy arrays are channels last; TIFFs (tifffile) may be interleaved or planar; other files go
+  through PIL: grey and 16-bit grey are one channel, palette images their RGB colours, alpha
+  is dropped (as `read_image` does). The folder datasets read images this way.
+  """
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix == ".npy":
+    if not os.path.isfile(path):
+      raise BadExample(f"{path}: image file is missing")
+    try:
+      array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise BadExample(f"{path}: not a readable .npy array ({e})") from None
+    return _as_hwc(array, path)
+  if suffix in (".tif", ".tiff"):
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+      raise BadExample(f"{path}: image file is missing or empty")
+    return _as_hwc(_tiff_hwc(path), path)
+  with _open(path, "image") as image:
+    image = _load(image, path, "image")
+    if image.mode in ("1", "LA"):
+      image = image.convert("L")
+    elif image.mode not in _PIL_ARRAY_MODES:  # palette, RGBA, CMYK, YCbCr...: RGB
+      image = image.convert("RGBA" if "transparency" in image.info else "RGB").convert("RGB")
+    array = np.asarray(image)
+    if image.mode == "I;16B":
+      array = array.astype(np.uint16)
+    return _as_hwc(array, path)
+
+
+def probe_array(path: str) -> tuple[int, np.dtype]:
+  """(channels, dtype) `read_array` gives for `path`, from its header where the format has one
+  (PIL, .npy and TIFF all do): a split is checked for one channel count and dtype before any
+  pixel is decoded."""
+  suffix = os.path.splitext(path)[1].lower()
+  try:
+    if suffix == ".npy":
+      array = np.load(path, mmap_mode="r", allow_pickle=False)
+      shape, dtype = array.shape, array.dtype
+    elif suffix in (".tif", ".tiff"):
+      import tifffile  # pylint: disable=g-import-not-at-top
+      with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        shape, dtype, axes = series.shape, series.dtype, series.axes
+      if "Y" in axes and "X" in axes and len(shape) == 3:
+        shape = (0, 0, shape[[i for i, a in enumerate(axes) if a not in "YX"][0]])
+    else:
+      with _open(path, "image") as image:
+        mode = image.mode
+      if mode in ("I;16", "I;16B", "I;16L"):
+        return 1, np.dtype(np.uint16)
+      if mode in ("F", "I"):
+        return 1, np.dtype(np.float32)
+      return (1 if mode in ("L", "1", "LA") else 3), np.dtype(np.uint8)
+  except BadExample:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # any reader's failure, in one line
+    raise BadExample(f"{path}: not a readable image ({e})") from None
+  channels = 1 if len(shape) == 2 else int(shape[-1])
+  dtype = np.dtype(dtype)
+  return channels, (dtype if dtype.type in _KEPT_DTYPES else np.dtype(np.float32))
+
+
 def read_label(path: str) -> np.ndarray:
   """uint8 (H, W) class ids from a single-channel (L or palette) PNG; the palette is ignored."""
   with _open(path, "label") as image:
@@ -126,6 +230,13 @@ def check_label_range(label: np.ndarray, num_classes: int, ignore_index: int, wh
     raise BadExample(f"{where}: label values {values[:8]} are outside 0..{num_classes - 1} and "
                      f"not the ignore index {ignore_index}; fix the labels or the dataset's "
                      "class count")
+
+
+def channels(source) -> tuple[int, np.dtype]:
+  """(channel count, dtype) of a source's images: 3 and uint8 unless it says otherwise (the
+  folder datasets, `in_channels` and `image_dtype`)."""
+  return (int(getattr(source, "in_channels", 3)),
+          np.dtype(getattr(source, "image_dtype", np.uint8)))
 
 
 class FileSource:

@@ -8,12 +8,14 @@ calls takes plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from jaxseg.data import dataset_spec, generated, get_dataset, pipeline, sources, transforms
+from jaxseg.data import (channels, dataset_spec, generated, get_dataset, pipeline, sources,
+                         stats, transforms)
 from jaxseg.errors import JaxsegError
 
 
@@ -27,6 +29,10 @@ class Data:
   eval_window: tuple[int, int] | None
   eval_operations: tuple
   skip_log: str
+  # None: 8-bit RGB, normalised as the model expects (a pretrained backbone's preprocessing or
+  # ImageNet's); else {"channels": "any", "mean": [...], "std": [...]}, one entry per channel.
+  normalization: dict | None = None
+  statistics: Callable[[], dict] | None = None  # the train split's, computed at most once
 
 
 def _pair(value, key: str, cast=int):
@@ -46,7 +52,7 @@ def make_source(config, split: str):
   chosen = {k: v for k, v in config.data.options.to_dict().items() if v is not None}
   options = {"image_size": config.data.image_size, "seed": config.data.seed,
              "preset": config.data.preset, "skip_bad_examples": config.data.skip_bad_examples,
-             **chosen}
+             "val_fraction": config.data.get("val_fraction", 0.1), **chosen}
   unknown = sorted(set(chosen) - set(spec.options))
   if unknown:
     takes = [k for k in spec.options if k in config.data.options]
@@ -59,7 +65,7 @@ def make_source(config, split: str):
 def make_sources(config):
   """(train, val) sources of `config.data`; train is cut to data.num_train_examples and
   joined by data.extra_train_dir's pairs."""
-  train = make_source(config, "train")
+  train = make_source(config, config.data.get("train_split", "train"))
   val = make_source(config, config.data.val_split)
   first = config.data.get("num_train_examples") or 0
   if first < 0:
@@ -89,12 +95,66 @@ def eval_settings(config, ignore_index: int):
   return window, ((transforms.PadTo(eval_size, ignore_index),) if eval_size else ())
 
 
+NORMALIZE = ("auto", "dataset", "imagenet")
+
+
+def check_channels(config, source) -> int:
+  """The channel count of `source`'s images, checked against data.in_channels when set."""
+  c, dtype = channels(source)
+  wanted = config.data.get("in_channels")
+  if wanted and wanted != c:
+    raise JaxsegError(f"--config.data.in_channels={wanted}, but {source!r} has {c}-channel "
+                      f"{dtype.name} images")
+  return c
+
+
+def normalization(config, train, statistics: Callable[[], dict]) -> dict | None:
+  """How images become model inputs (see `Data.normalization`).
+
+  data.mean / data.std given: those. Otherwise data.normalize: "auto" keeps the model's usual
+  normalisation for 8-bit RGB (what a pretrained backbone's filters expect) and uses the train
+  split's own per-channel statistics for anything else (grey, 16-bit, float, multi-band);
+  "dataset" uses them for RGB too; "imagenet" needs 8-bit RGB.
+  """
+  c, dtype = channels(train)
+  mode = config.data.get("normalize", "auto")
+  if mode not in NORMALIZE:
+    raise JaxsegError(f"--config.data.normalize={mode} is not one of: {', '.join(NORMALIZE)}")
+  mean, std = config.data.get("mean"), config.data.get("std")
+  if mean or std:
+    for key, value in (("mean", mean), ("std", std)):
+      if not value or len(value) != c:
+        raise JaxsegError(f"--config.data.{key}={value}: give data.mean and data.std with one "
+                          f"number per channel ({c})")
+    if min(std) <= 0:
+      raise JaxsegError(f"--config.data.std={std} must be positive")
+    return {"channels": "any", "mean": [float(v) for v in mean],
+            "std": [float(v) for v in std]}
+  rgb8 = c == 3 and dtype == np.uint8
+  if mode == "imagenet" and not rgb8:
+    raise JaxsegError(f"--config.data.normalize=imagenet needs 8-bit RGB images; {train!r} has "
+                      f"{c}-channel {dtype.name} ones")
+  if mode == "imagenet" or (mode == "auto" and rgb8):
+    return None
+  computed = statistics()
+  # A constant band (a padding channel, an empty mask band) has std 0: it is centred only.
+  return {"channels": "any", "mean": computed["mean"],
+          "std": [s if s > 1e-6 else 1.0 for s in computed["std"]]}
+
+
 def make_data(config, workdir: str, local_batch: int) -> Data:
   """Dataset defaults (data.DATASETS) overridden by the data.* config keys."""
   spec = dataset_spec(config.data.name)
   train, val = make_sources(config)
+  in_channels = check_channels(config, train)
+  if channels(val) != channels(train):
+    raise JaxsegError(f"{val!r} has {channels(val)[0]}-channel {channels(val)[1].name} images "
+                      f"but {train!r} has {in_channels}-channel {channels(train)[1].name} ones")
+  statistics = functools.cache(lambda: stats.cached(train, workdir))
   ignore = train.ignore_index
   crop = _pair(config.data.crop_size, "crop_size") or spec.crop_size
+  if crop is None and spec.crop_from_data:
+    crop = tuple(np.asarray(train[0]["label"]).shape)
   scales = _pair(config.data.scale_range, "scale_range", float) or spec.scale_range
   if crop is not None and min(crop) < 1:
     raise JaxsegError(f"--config.data.crop_size={crop} must be positive")
@@ -112,7 +172,8 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   operations.append(pipeline.ValidateLabels(train.num_classes, ignore, repr(train)))
   loader = pipeline.train_loader(train, batch_size=local_batch, seed=config.train.seed,
                                  operations=operations, worker_count=config.data.worker_count)
-  image_shape = (*crop, 3) if crop else tuple(np.asarray(train[0]["image"]).shape)
-  return Data(train, val, loader, image_shape, window, eval_operations, skip_log)
+  image_shape = (*crop, in_channels) if crop else tuple(np.asarray(train[0]["image"]).shape)
+  return Data(train, val, loader, image_shape, window, eval_operations, skip_log,
+              normalization(config, train, statistics), statistics)
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxseg.data.files import BAD_KEY
+from jaxseg.data.files import BAD_KEY, channels
 from jaxseg.errors import JaxsegError
 
 
@@ -53,6 +53,12 @@ class ConcatSource:
                           f"has {tuple(first.class_names)}")
     self.class_names, self.palette = first.class_names, first.palette
     self.ignore_index, self.num_classes = first.ignore_index, first.num_classes
+    self.in_channels, self.image_dtype = channels(first)
+    for other in self.sources[1:]:
+      if channels(other) != channels(first):
+        raise JaxsegError(f"{other!r} has {channels(other)[0]}-channel {channels(other)[1]} "
+                          f"images, but {first!r} has {self.in_channels}-channel "
+                          f"{self.image_dtype}")
     self._ends = np.cumsum([len(s) for s in self.sources])
 
   def __len__(self):

@@ -1,5 +1,6 @@
 """Training augmentation on the host: random scale, crop (padding with `ignore_index`), flip,
-photometric jitter; and padding for evaluation.
+photometric jitter (8-bit RGB only); and padding for evaluation. Images of any channel count
+and dtype keep both.
 
 Image and label go through the same geometry; labels are only ever resampled
 nearest-neighbour, so no invented class ids appear on boundaries. Every random draw comes from
@@ -35,13 +36,30 @@ def scale_crop(image: np.ndarray, label: np.ndarray, scale: float, crop: tuple[i
   wh, ww = min(ch, sh - y0), min(cw, sw - x0)
   fy, fx = h / sh, w / sw  # source pixels per scaled pixel
   box = (x0 * fx, y0 * fy, (x0 + ww) * fx, (y0 + wh) * fy)
-  out_image = np.zeros((ch, cw, 3), np.uint8)
+  out_image = np.zeros((ch, cw, image.shape[-1]), image.dtype)
   out_label = np.full((ch, cw), ignore_index, np.uint8)
-  out_image[:wh, :ww] = np.asarray(
-      Image.fromarray(image).resize((ww, wh), Image.BILINEAR, box=box))
+  out_image[:wh, :ww] = resize_image(image, (ww, wh), box)
   out_label[:wh, :ww] = np.asarray(
       Image.fromarray(label).resize((ww, wh), Image.NEAREST, box=box))
   return out_image, out_label
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], box) -> np.ndarray:
+  """Bilinear resize of `box` (PIL's) of an (H, W, C) image to `size` (w, h), in its dtype.
+
+  8-bit RGB goes through PIL in one pass; anything else (1 or 4+ bands, 16-bit, float) band
+  by band in PIL's float mode, rounded back for integer dtypes, so a 16-bit tile keeps its
+  16 bits and a float one its values.
+  """
+  if image.dtype == np.uint8 and image.shape[-1] == 3:
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR, box=box))
+  bands = [np.asarray(Image.fromarray(np.asarray(image[..., c], np.float32), "F")
+                      .resize(size, Image.BILINEAR, box=box)) for c in range(image.shape[-1])]
+  out = np.stack(bands, axis=-1)
+  if np.issubdtype(image.dtype, np.integer):
+    info = np.iinfo(image.dtype)
+    out = np.clip(np.round(out), info.min, info.max)
+  return out.astype(image.dtype)
 
 
 # RGB <-> YIQ (NTSC): hue is an angle in the I-Q plane, Y (luma) stays.
@@ -116,8 +134,11 @@ class Augment(grain.RandomMapTransform):
                               tuple(self.crop_size), tuple(rng.random(2)), self.ignore_index)
     if self.flip and rng.random() < 0.5:
       image, label = image[:, ::-1], label[:, ::-1]
-    image = photometric(image, rng, brightness=self.brightness, contrast=self.contrast,
-                        saturation=self.saturation, hue=self.hue)
+    if image.dtype == np.uint8 and image.shape[-1] == 3:
+      # Colour jitter means something for photographs only: on a grey scan, a 16-bit or
+      # multi-band tile there is no hue or saturation, and the 0..255 brightness scale is wrong.
+      image = photometric(image, rng, brightness=self.brightness, contrast=self.contrast,
+                          saturation=self.saturation, hue=self.hue)
     return {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
 
 
@@ -137,7 +158,7 @@ class PadTo(grain.MapTransform):
                         f"evaluation canvas {th}x{tw}; raise data.eval_size")
     if (h, w) == (th, tw):
       return example
-    image = np.zeros((th, tw, 3), np.uint8)
+    image = np.zeros((th, tw, example["image"].shape[-1]), example["image"].dtype)
     label = np.full((th, tw), self.ignore_index, np.uint8)
     image[:h, :w], label[:h, :w] = example["image"], example["label"]
     return {**example, "image": image, "label": label}

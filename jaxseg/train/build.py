@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg import losses, weights
-from jaxseg.data import graph_data, superpixels as sp
+from jaxseg.data import graph_data, stats as data_stats, superpixels as sp
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model, mask_gan, sagan
 from jaxseg.models.superpixel_gnn import LAYERS, SuperpixelGNN
@@ -107,6 +107,16 @@ RULES: dict[str, Rule] = {
     "train.loss.ce": NONNEG,
     "train.loss.dice": NONNEG,
     "train.loss.focal": NONNEG,
+    "train.loss.lovasz": NONNEG,
+    "train.loss.tversky": NONNEG,
+    "train.loss.ohem": NONNEG,
+    "train.loss_options.tversky.alpha": NONNEG,
+    "train.loss_options.tversky.beta": NONNEG,
+    "train.loss_options.tversky.gamma": POSITIVE,
+    "train.loss_options.ohem.thresh": Rule(0, 1),
+    "train.loss_options.ohem.min_kept": NONNEG_INT,
+    "data.in_channels": NONNEG_INT,
+    "data.val_fraction": Rule(0, 1, low_open=True, high_open=True),
     "train.d_steps": COUNT,
     "train.ema_decay": FRACTION,
     "train.accumulate_steps": COUNT,
@@ -181,9 +191,9 @@ def validate(config) -> None:
   for key, choices in CHOICES.items():
     if key in flat and flat[key] not in choices:
       raise JaxsegError(f"--config.{key}={flat[key]!r} is not one of: {', '.join(map(str, choices))}")
-  loss = flat.get("train.loss.ce"), flat.get("train.loss.dice"), flat.get("train.loss.focal")
-  if loss[0] is not None and not any(loss):
-    raise JaxsegError("--config.train.loss: at least one of ce, dice, focal must be above 0")
+  loss = {k[len("train.loss."):]: v for k, v in flat.items() if k.startswith("train.loss.")}
+  if loss and not any(loss.values()):
+    raise JaxsegError(f"--config.train.loss: at least one of {', '.join(loss)} must be above 0")
   best = flat.get("train.keep_best")
   if best:
     names = [*EVAL_KEYS, *(f"ema/{k}" for k in EVAL_KEYS)]
@@ -359,8 +369,36 @@ def gan_optimizers(config):
   return gan_lib.make_optimizers(o.g_learning_rate, o.d_learning_rate, o.b1, o.b2)
 
 
-def loss(config, ignore_index: int):
-  return losses.make_loss(dict(config.train.loss), ignore_index=ignore_index)
+def class_weights(config, num_classes: int, statistics: Callable[[], dict] | None
+                  ) -> list[float] | None:
+  """train.class_weights as numbers: None when unset, median-frequency weights from the train
+  split's statistics for "auto", else one number per class (a list or "1,5,2")."""
+  value = config.train.get("class_weights", "")
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  if value == "auto":
+    if statistics is None:
+      raise JaxsegError("--config.train.class_weights=auto needs the train split's statistics")
+    return data_stats.median_frequency_weights(statistics())
+  try:
+    numbers = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+  except (TypeError, ValueError):
+    raise JaxsegError(f"--config.train.class_weights={value!r} must be \"auto\" or one number "
+                      f"per class, e.g. \"{','.join(['1'] * num_classes)}\"") from None
+  if len(numbers) != num_classes:
+    raise JaxsegError(f"--config.train.class_weights has {len(numbers)} numbers for "
+                      f"{num_classes} classes")
+  if min(numbers) < 0 or not max(numbers) > 0 or not all(map(math.isfinite, numbers)):
+    raise JaxsegError(f"--config.train.class_weights={value!r} must be finite, at least 0, and "
+                      "not all 0")
+  return numbers
+
+
+def loss(config, ignore_index: int, class_weights: list[float] | None = None):
+  options = config.train.get("loss_options")
+  return losses.make_loss(dict(config.train.loss), ignore_index=ignore_index,
+                          class_weights=class_weights,
+                          options=options.to_dict() if options is not None else None)
 
 
 # --- pretrained backbones ----------------------------------------------------------------------

@@ -35,6 +35,14 @@ def create_train_state(config, model, mesh, image_shape, pretrained=None):
 
   def check(abstract):
     if pretrained is not None:
+      # RGB filters for another channel count (smp's rule); in place, so that the caller
+      # inserts the adapted ones.
+      mine = param_shapes({"backbone": abstract.params.get("backbone", {})})
+      params, adapted = weights.adapt_input_channels({"backbone": pretrained["params"]}, mine)
+      if adapted:
+        pretrained["params"] = params["backbone"]
+        logging.info("Pretrained RGB filters adapted to %d input channels: %s",
+                     image_shape[-1], ", ".join(adapted))
       build.check_pretrained(abstract, pretrained, config.model.pretrained)
     if "backbone" not in abstract.params and (config.optim.backbone_lr_multiplier != 1.0 or
                                               config.optim.freeze_backbone_steps):
@@ -45,8 +53,9 @@ def create_train_state(config, model, mesh, image_shape, pretrained=None):
                            config.train.seed, mesh, check)
 
 
-def attention_figure(path: str, state, images, preprocess, title: str) -> str:
-  """Runs the model on `images` collecting its sown attention maps; writes them as a grid."""
+def attention_figure(path: str, state, images, preprocess, title: str, display=None) -> str:
+  """Runs the model on `images` collecting its sown attention maps; writes them as a grid
+  over `display` (RGB pictures of the images; default the images themselves)."""
 
   @jax.jit
   def maps(params, batch_stats, images):
@@ -55,11 +64,12 @@ def attention_figure(path: str, state, images, preprocess, title: str) -> str:
     return {name: value["attention"][0] for name, value in sown["intermediates"].items()}
 
   attention = jax.device_get(maps(state.params, state.batch_stats, images))
-  return visualize.attention_grid(path, images, dict(sorted(attention.items())), title=title)
+  return visualize.attention_grid(path, images if display is None else display,
+                                  dict(sorted(attention.items())), title=title)
 
 
 def jit_steps(config, mesh, state_sharding, num_classes, ignore_index, preprocess=None,
-              eval_window=None):
+              eval_window=None, class_weights=None):
   """The train and eval steps, compiled once for the mesh; the train state is donated.
 
   `preprocess` maps uint8 images to model inputs (default: ImageNet mean/std, RGB);
@@ -67,7 +77,7 @@ def jit_steps(config, mesh, state_sharding, num_classes, ignore_index, preproces
   """
   preprocess = preprocess or make_normalize()
   schedule, _ = build.optimizer(config)
-  loss_fn = build.loss(config, ignore_index)
+  loss_fn = build.loss(config, ignore_index, class_weights)
   batch_sharding = sharding.batch_sharding(mesh)
   train_step = jax.jit(make_train_step(loss_fn, preprocess, schedule,
                                        config.optim.freeze_backbone_steps,
@@ -106,6 +116,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                             desc="checking val")
 
     pretrained, pretrained_meta = build.load_pretrained_backbone(config)
+    weights_per_class = build.class_weights(config, num_classes, data.statistics)
+    if weights_per_class is not None:
+      logging.info("Class weights (train.class_weights=%s): %s", config.train.class_weights,
+                   ", ".join(f"{n} {w:.3g}" for n, w in zip(train_source.class_names,
+                                                            weights_per_class)))
+    # What the model's input is: the data's own statistics (not 8-bit RGB, or asked for),
+    # else a pretrained backbone's preprocessing or ImageNet's.
+    preprocessing = data.normalization or (pretrained_meta["preprocessing"] if pretrained_meta
+                                           else "imagenet")
     model = build.segmentation_model(config, num_classes, pretrained_meta)
     state, state_sharding = create_train_state(config, model, mesh, data.image_shape,
                                                pretrained)
@@ -114,8 +133,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 "num_classes": num_classes, "params": param_shapes(state.params),
                 "opt_state": tree_signature(state.opt_state), "train_data": repr(train_source),
                 "global_batch_size": config.train.batch_size,
-                "preprocessing": (pretrained_meta["preprocessing"] if pretrained_meta
-                                  else "imagenet")}
+                "preprocessing": preprocessing}
+    if data.image_shape[-1] != 3:  # (not written for RGB: the identity of earlier runs)
+      identity["in_channels"] = data.image_shape[-1]
     data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                  size=config.data.prefetch)
     state = run.resume(state, identity, data_iterator=data_iter,
@@ -127,10 +147,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                    config.model.pretrained, pretrained_meta["source"], pretrained_meta["arch"],
                    pretrained_meta["preprocessing_name"])
 
-    preprocess = (weights.make_preprocess(pretrained_meta["preprocessing"]) if pretrained_meta
-                  else make_normalize())
+    preprocess = (make_normalize() if preprocessing == "imagenet"
+                  else weights.make_preprocess(preprocessing))
     train_step, eval_step = jit_steps(config, mesh, state_sharding, num_classes, ignore,
-                                      preprocess, data.eval_window)
+                                      preprocess, data.eval_window, weights_per_class)
     label = build.model_label(config)
     logging.info("%s, %d classes, %s params, dtype %s, %d devices, global batch %d", label,
                  num_classes, f"{num_params:,}", jnp.dtype(dtype).name, mesh.devices.size,
@@ -161,6 +181,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         "dataset": config.data.name, "image_size": list(data.image_shape[:2]),  # train crops
         "eval_window": list(data.eval_window) if data.eval_window else None,  # None: whole
         "num_params": num_params, "dtype": jnp.dtype(dtype).name,
+        "in_channels": data.image_shape[-1], "class_weights": weights_per_class,
         # Bad examples left out (data.skip_bad_examples): found while listing the dataset,
         # and met while reading it (listed in skipped_examples.jsonl).
         "skipped_examples": (len(getattr(train_source, "skipped", ())) +
@@ -180,12 +201,16 @@ def _pictures(run, model, state, kept, preprocess, source, summary, config) -> N
   if not kept["image"]:
     return
   images = np.stack(kept["image"])
+  try:
+    shown = visualize.as_rgb(images, config.data.get("display_bands"))
+  except ValueError as e:
+    raise JaxsegError(str(e)) from None
   visualize.prediction_grid(
-      run.path("predictions.png"), images, np.stack(kept["label"]),
+      run.path("predictions.png"), shown, np.stack(kept["label"]),
       np.stack(kept["prediction"]), source.class_names, source.palette,
       ignore_index=source.ignore_index,
       title=f"{build.model_label(config)} on {config.data.name} "
             f"(val mIoU {metrics.fmt_score(summary['miou'])})")
   if getattr(model, "attention", False):
     attention_figure(run.path("attention.png"), state, images, preprocess,
-                     f"{config.model.name} attention gates on {config.data.name}")
+                     f"{config.model.name} attention gates on {config.data.name}", shown)

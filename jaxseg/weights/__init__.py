@@ -8,8 +8,9 @@ Training uses one with `--config.model.pretrained=out/`.
 """
 
 from jaxseg.weights.archs import ARCHS, PREPROCESSING
+from jaxseg.weights.channels import adapt_first_conv, adapt_input_channels
 from jaxseg.weights.converter import convert_file
 from jaxseg.weights.store import load_backbone, load_pretrained, make_preprocess, read_metadata
 
-__all__ = ["ARCHS", "PREPROCESSING", "convert_file", "load_backbone", "load_pretrained",
+__all__ = ["ARCHS", "PREPROCESSING", "adapt_first_conv", "adapt_input_channels", "convert_file", "load_backbone", "load_pretrained",
            "make_preprocess", "read_metadata"]
