@@ -11,6 +11,7 @@ experiment's `data.*` config keys override.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable
 
 from jaxseg.data import prepared
@@ -93,7 +94,9 @@ def get_dataset(name: str, split: str, *, data_dir: str | None = None, **kwargs)
   if prepared.is_prepared(data_dir, dataset=name):
     source = prepared.PreparedSource(data_dir, split, dataset=name)
     kwargs.pop("skip_bad_examples", None)
-    source.check_options(kwargs)
+    source.check_options(kwargs, {k: p.default for k, p in
+                                  inspect.signature(spec.factory).parameters.items()
+                                  if p.default is not p.empty})
     return source
   return spec.factory(split, data_dir=data_dir, **kwargs)
 

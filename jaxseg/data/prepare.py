@@ -223,10 +223,18 @@ def _check_arguments(old: dict, new: dict, version_dir: str) -> dict:
 def _class_metadata(source) -> dict[str, Any]:
   class_names = [str(c) for c in getattr(source, "class_names", ())]
   palette = np.asarray(getattr(source, "palette", np.zeros((0, 3))), np.uint8).reshape(-1, 3)
-  return {"class_names": class_names,
-          "num_classes": int(getattr(source, "num_classes", len(class_names))),
-          "palette": palette.tolist(),
-          "ignore_index": int(getattr(source, "ignore_index", 255))}
+  metadata = {"class_names": class_names,
+              "num_classes": int(getattr(source, "num_classes", len(class_names))),
+              "palette": palette.tolist(),
+              "ignore_index": int(getattr(source, "ignore_index", 255))}
+  in_channels, dtype = data_lib.channels(source)
+  if (in_channels, dtype) != (3, np.uint8):  # (absent for RGB: earlier manifests stay equal)
+    metadata.update(in_channels=in_channels, image_dtype=dtype.name)
+  return metadata
+
+
+def _image_format(classes: dict) -> tuple[int, str]:
+  return classes.get("in_channels", 3), classes.get("image_dtype", "uint8")
 
 
 def _publish(version_dir: str, manifest: dict):
@@ -266,7 +274,7 @@ def _publish(version_dir: str, manifest: dict):
   info = info_lib.DatasetInfo(
       builder=info_lib.DatasetIdentity(name=name, version=utils.Version(VERSION),
                                        data_dir=version_dir, module_name=""),
-      features=tfds_features(encoding, classes["class_names"]),
+      features=tfds_features(encoding, classes["class_names"], *_image_format(classes)),
       description=(f"{manifest['dataset']} written by `python -m jaxseg.data.prepare` "
                    f"(images and label maps as {described}; labels are class ids, "
                    f"{classes['ignore_index']} = ignore). Class names, palette, source and "
@@ -446,7 +454,8 @@ def _write_split(source, state, version_dir, name, dataset, split, manifest, sav
   classes = manifest["classes"]
   check = {"dataset": dataset, "split": split, "num_classes": classes["num_classes"],
            "ignore_index": classes["ignore_index"]}
-  encoder = Encoder(manifest["arguments"]["encoding"], classes["class_names"])
+  encoder = Encoder(manifest["arguments"]["encoding"], classes["class_names"],
+                    *_image_format(classes))
   skip = manifest["arguments"]["skip_bad_examples"]
   indices = [i for s in todo for i in range(bounds[s], bounds[s + 1])]
   done_before = total - len(indices)

@@ -207,6 +207,8 @@ class PreparedSource:
     self.class_names = tuple(metadata["class_names"])
     self.palette = np.asarray(metadata.get("palette", np.zeros((0, 3))), np.uint8).reshape(-1, 3)
     self.ignore_index = int(metadata.get("ignore_index", 255))
+    self.in_channels = int(metadata.get("in_channels", 3))
+    self.image_dtype = np.dtype(metadata.get("image_dtype", "uint8"))
     self._num_classes = int(metadata.get("num_classes", len(self.class_names)))
     split_meta = metadata.get("splits", {}).get(split, {})
     self.skipped = list(split_meta.get("skipped", []))
@@ -219,11 +221,14 @@ class PreparedSource:
   def num_classes(self) -> int:
     return self._num_classes
 
-  def check_options(self, options: dict[str, Any]) -> None:
+  def check_options(self, options: dict[str, Any], defaults: dict[str, Any] | None = None
+                    ) -> None:
     """Reader options a run asks for must be those the dataset was prepared with: a prepared
-    COCO of the 80 things cannot become the VOC subset by a flag."""
+    COCO of the 80 things cannot become the VOC subset by a flag. An option it was prepared
+    without had the reader's default (`defaults`)."""
+    prepared_with = {**(defaults or {}), **self.options}
     for key, value in sorted(options.items()):
-      if self.options.get(key) != value:
+      if prepared_with.get(key) != value:
         was = (f"{key}={self.options[key]!r}" if key in self.options
                else f"no {key} (the reader's default)")
         raise JaxsegError(f"{self.path} was prepared with {was}, but this run asks for "

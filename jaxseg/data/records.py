@@ -26,9 +26,30 @@ _IMAGE_PNG_LEVEL = 1
 _LABEL_PNG_LEVEL = 6
 
 
-def tfds_features(encoding: str, class_names: Sequence[str]):
-  """The TFDS features of a prepared dataset: image, label (class ids) and name."""
+def tfds_features(encoding: str, class_names: Sequence[str], in_channels: int = 3,
+                  image_dtype: str = "uint8"):
+  """The TFDS features of a prepared dataset: image, label (class ids) and name.
+
+  Images that are not 8-bit RGB (a folder dataset's grey, 16-bit, float or multi-band ones)
+  are stored as zlib-compressed raw arrays in either encoding: PNG holds none of 4+ bands or
+  floats, and raw arrays keep every value exactly.
+  """
   tfds = import_tfds()
+  if (in_channels, image_dtype) != (3, "uint8"):
+    zlib = tfds.features.Encoding.ZLIB
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(None, None, in_channels),
+                                      dtype=np.dtype(image_dtype), encoding=zlib,
+                                      doc=f"{in_channels}-channel {image_dtype} image, "
+                                          "zlib-compressed raw values"),
+        "label": (tfds.features.LabeledImage(
+            labels=list(class_names) or None, shape=(None, None, 1), encoding_format="png",
+            doc="class id per pixel (ignore_index in the metadata), lossless PNG")
+                  if encoding == "png" else
+                  tfds.features.Tensor(shape=(None, None), dtype=np.uint8, encoding=zlib,
+                                       doc="class id per pixel, zlib-compressed")),
+        "name": tfds.features.Text(doc="the example's file name in the source dataset"),
+    })
   if encoding == "png":
     return tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png",
@@ -60,21 +81,25 @@ def _png(array: np.ndarray, level: int) -> bytes:
 class Encoder:
   """Example -> serialized tf.Example bytes, with no TensorFlow (pickles as its arguments)."""
 
-  def __init__(self, encoding: str, class_names: Sequence[str]):
+  def __init__(self, encoding: str, class_names: Sequence[str], in_channels: int = 3,
+               image_dtype: str = "uint8"):
     self.encoding, self.class_names = encoding, tuple(class_names)
+    self.in_channels, self.image_dtype = in_channels, image_dtype
+    self.rgb8 = (in_channels, image_dtype) == (3, "uint8")
     from tensorflow_datasets.core import example_serializer  # pylint: disable=g-import-not-at-top
-    self._features = tfds_features(encoding, self.class_names)
+    self._features = tfds_features(encoding, self.class_names, in_channels, image_dtype)
     self._serializer = example_serializer.ExampleSerializer(
         self._features.get_serialized_info())
 
   def __reduce__(self):
-    return (Encoder, (self.encoding, self.class_names))
+    return (Encoder, (self.encoding, self.class_names, self.in_channels, self.image_dtype))
 
   def __call__(self, image: np.ndarray, label: np.ndarray, name: str,
                image_file: bytes | None = None) -> bytes:
     if self.encoding == "png":
       # Bytes go through tfds.features.Image untouched; only numpy arrays would need TF.
-      image = image_file if image_file is not None else _png(image, _IMAGE_PNG_LEVEL)
+      if self.rgb8:
+        image = image_file if image_file is not None else _png(image, _IMAGE_PNG_LEVEL)
       label = _png(label, _LABEL_PNG_LEVEL)
     example = self._features.encode_example({"image": image, "label": label, "name": name})
     # Deterministic: map entries in key order, not in this process's string-hash order, so the
@@ -128,9 +153,10 @@ def _encode(source, index: int, encoder: Encoder, check: dict) -> tuple[str, Any
   name = example.get("name") or f"{check['split']}_{index:06d}"
   where = f"{check['dataset']} {check['split']} example {index} ({name})"
   image, label = example.get("image"), example.get("label")
-  if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-          and image.shape[-1] == 3):
-    raise JaxsegError(f"{where}: image is {_describe(image)}; sources must give uint8 (H, W, 3)")
+  if not (isinstance(image, np.ndarray) and image.dtype == np.dtype(encoder.image_dtype)
+          and image.ndim == 3 and image.shape[-1] == encoder.in_channels):
+    raise JaxsegError(f"{where}: image is {_describe(image)}; this source gives "
+                      f"{encoder.image_dtype} (H, W, {encoder.in_channels})")
   if isinstance(label, np.ndarray) and label.ndim == 3 and label.shape[-1] == 1:
     label = label[..., 0]
   if not (isinstance(label, np.ndarray) and label.dtype == np.uint8
@@ -141,7 +167,8 @@ def _encode(source, index: int, encoder: Encoder, check: dict) -> tuple[str, Any
     check_label_range(label, check["num_classes"], check["ignore_index"], where)
   except BadExample as e:
     return "bad", first_line(e)
-  jpeg = _source_jpeg(source, index, image) if encoder.encoding == "png" else None
+  jpeg = (_source_jpeg(source, index, image) if encoder.encoding == "png" and encoder.rgb8
+          else None)
   return ("ok" if jpeg is None else "jpeg",
           encoder(np.ascontiguousarray(image), np.ascontiguousarray(label), str(name), jpeg))
 
