@@ -26,7 +26,7 @@ from PIL import Image
 
 from jaxseg import metrics, visualize
 from jaxseg.data import from_config, pipeline
-from jaxseg.data.files import BadExample, read_image
+from jaxseg.data.files import BadExample, channels, read_array, read_image
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import NO_TTA, TTA
 from jaxseg.runs import load_run
@@ -58,9 +58,14 @@ class Ensemble:
                           f"{first.workdir} predicts {len(first.classes.names)} "
                           f"({', '.join(first.classes.names[:4])}, ...); an ensemble needs "
                           "the same classes")
+    for m in members[1:]:
+      if m.in_channels != first.in_channels:
+        raise JaxsegError(f"--workdir={m.workdir} takes {m.in_channels}-channel images but "
+                          f"--workdir={first.workdir} takes {first.in_channels}")
     self.members = list(members)
     self.weights = [w / sum(weights) for w in weights]
     self.num_classes, self.classes = first.num_classes, first.classes
+    self.in_channels = first.in_channels
     self.workdir = ""
 
   @property
@@ -256,6 +261,9 @@ def _run_evaluation(workdirs, out_dir, *, weights, dataset, data_dir, split, tta
   source, default_window, operations = eval_source(first.config, dataset=dataset,
                                                    data_dir=data_dir, split=split)
   window = default_window if window == "default" else window
+  if channels(source)[0] != model.in_channels:
+    raise JaxsegError(f"{source!r} has {channels(source)[0]}-channel images but the model "
+                      f"takes {model.in_channels}")
   result = evaluate(model, source, batch_size=batch_size, tta=tta, window=window,
                     num_examples=num_examples, operations=operations, keep=keep)
   where = f"{dataset or first.config.data.name} {split or first.config.data.val_split}"
@@ -292,15 +300,20 @@ def export_predictions(model, paths: Sequence[str], *, out_dir: str | None = Non
   for path in tqdm.tqdm(paths, desc="predict", unit="image", dynamic_ncols=True,
                         disable=len(paths) < 2):
     try:
-      image = read_image(path)
+      # RGB runs take any picture (grey, palette, 16-bit: as RGB); others the file's own bands.
+      image = read_image(path) if model.in_channels == 3 else read_array(path)
     except BadExample as e:
       raise JaxsegError(str(e)) from None
+    if image.shape[-1] != model.in_channels:
+      raise JaxsegError(f"{path}: image has {image.shape[-1]} channel(s) but the model takes "
+                        f"{model.in_channels}")
     labels = np.asarray(jnp.argmax(model.probabilities(image[None], tta=tta, window=window)[0],
                                    -1), np.uint8)
     stem = os.path.splitext(os.path.basename(path))[0]
     base = os.path.join(out_dir or os.path.dirname(os.path.abspath(path)), stem)
     outputs = {"labels": labels, "mask": visualize.colorize(labels, palette),
-               "overlay": visualize.overlay(image, labels, palette, alpha=alpha)}
+               "overlay": visualize.overlay(visualize.as_rgb(image[None])[0], labels, palette,
+                                            alpha=alpha)}
     for kind, array in outputs.items():
       target = f"{base}_{kind}.png"
       Image.fromarray(array).save(target)

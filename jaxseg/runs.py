@@ -51,6 +51,7 @@ class Run:
   classes: Classes
   workdir: str = ""
   weights_source: str = "raw"  # "ema": the run's weight average (load_run's `weights`)
+  in_channels: int = 3  # of the images it takes (folder datasets: any)
 
   def __post_init__(self):
     model, preprocess, k = self.model, self.preprocess, self.num_classes
@@ -96,6 +97,7 @@ class GraphRun:
   cnn: Run | None = None
   workdir: str = ""
   weights_source: str = "raw"
+  in_channels: int = 3  # SLIC superpixels are of RGB images
 
   def __post_init__(self):
     model = self.model
@@ -164,8 +166,9 @@ WEIGHTS = ("ema", "raw")
 
 def _restore(workdir: str, flag: str, build_state: Callable, config, checkpoint):
   """(state, step, identity) of the checkpoint asked for (see `load_run`), or the newest
-  intact one; `build_state(identity)` (the saved identity: num_classes, in_channels...) gives the abstract train state (shapes, dtypes and
-  shardings: nothing is computed or compiled) that it is restored into."""
+  intact one; `build_state(identity)` (the saved identity: num_classes, in_channels...)
+  gives the abstract train state (shapes, dtypes and shardings: nothing is computed or
+  compiled) that it is restored into."""
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):  # (Orbax's manager would create it)
     raise JaxsegError(f"--{flag}={workdir}: no checkpoint in {os.path.abspath(directory)}")
@@ -232,7 +235,8 @@ def load_run(workdir: str, flag: str = "workdir", *, checkpoint: str | int = "be
   preprocess = make_normalize() if spec == "imagenet" else weights_lib.make_preprocess(spec)
   variables, which = _variables(state, weights)
   return Run(config, model["cnn"], variables, preprocess, identity["num_classes"], step,
-             _load_classes(workdir, config), os.path.abspath(workdir), which)
+             _load_classes(workdir, config), os.path.abspath(workdir), which,
+             identity.get("in_channels", 3))
 
 
 def _load_graph_run(workdir: str, flag: str, config, checkpoint, weights) -> GraphRun:

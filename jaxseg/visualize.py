@@ -47,11 +47,14 @@ def as_rgb(images: np.ndarray, bands: Sequence[int] | None = None,
 def prediction_grid(path: str, images: np.ndarray, labels: np.ndarray,
                     predictions: np.ndarray, class_names: Sequence[str], palette: np.ndarray,
                     *, ignore_index: int = 255, title: str | None = None,
-                    extra_columns: dict[str, np.ndarray] | None = None) -> str:
+                    extra_columns: dict[str, np.ndarray] | None = None,
+                    bands: Sequence[int] | None = None) -> str:
   """Writes a PNG with one row per example: image | ground truth | prediction, and a legend.
 
   `extra_columns` {name: label maps (N, H, W)} are shown between ground truth and prediction.
+  Images that are not 8-bit RGB are shown by `as_rgb(images, bands)`.
   """
+  images = as_rgb(images, bands)
   return labelled_grid(path, {"image": images, "ground truth": labels, **(extra_columns or {}),
                               "prediction": predictions}, class_names, palette,
                        ignore_index=ignore_index, title=title)
