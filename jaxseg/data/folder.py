@@ -90,6 +90,9 @@ def read_class_file(data_dir: str) -> ClassFile:
     raise JaxsegError(f'{path}: "names" must be a non-empty list of strings')
   if len(set(names)) != len(names):
     raise JaxsegError(f'{path}: "names" repeats {next(n for n in names if names.count(n) > 1)!r}')
+  if len(names) > 255:
+    raise JaxsegError(f"{path}: {len(names)} classes; at most 255 fit the uint8 masks jaxseg "
+                      "reads (ids 0..254, and an ignore value)")
   binary = spec.get("binary", False)
   if not isinstance(binary, bool):
     raise JaxsegError(f'{path}: "binary" must be true or false, got {binary!r}')
@@ -102,9 +105,6 @@ def read_class_file(data_dir: str) -> ClassFile:
   if ignore < len(names):
     raise JaxsegError(f'{path}: "ignore_index" {ignore} is a class id (there are '
                       f"{len(names)} classes); use a value from {len(names)} to 255")
-  if len(names) > 255:
-    raise JaxsegError(f"{path}: {len(names)} classes; at most 255 fit the uint8 masks jaxseg "
-                      "reads (ids 0..254, and an ignore value)")
   if binary and "ignore_index" in spec and ignore == 255:
     raise JaxsegError(f'{path}: "binary": true makes 255 the foreground; "ignore_index" must '
                       "be another value")

@@ -27,6 +27,7 @@ from absl import logging
 
 from jaxseg import metrics, visualize
 from jaxseg.data import graph_data, sources, superpixels as sp
+from jaxseg.data.files import channels
 from jaxseg.data.from_config import make_sources
 from jaxseg.errors import JaxsegError
 from jaxseg.models.superpixel_gnn import node_loss
@@ -226,6 +227,10 @@ def train_and_evaluate(config, workdir: str, cnn=None) -> dict[str, Any]:
     sharding.check_batch_size(eval_batch, mesh, "train.eval_batch_size")
     micro = build.accumulate_steps(config, mesh)
     train_source, val_source = make_sources(config)  # the first data.num_train_examples
+    if channels(train_source) != (3, np.uint8):
+      raise JaxsegError(f"superpixel_gnn segments 8-bit RGB images (SLIC works in Lab colour); "
+                        f"{train_source!r} has {channels(train_source)[0]}-channel "
+                        f"{channels(train_source)[1].name} ones: train a CNN on them instead")
     if config.train.num_eval_examples:
       val_source = sources.Subset(val_source, config.train.num_eval_examples)
     num_classes, ignore = train_source.num_classes, train_source.ignore_index
