@@ -37,9 +37,10 @@ def as_rgb(images: np.ndarray, bands: Sequence[int] | None = None,
   chosen = images[..., list(bands)]
   if chosen.dtype != np.uint8:
     values = chosen.astype(np.float32)
-    low = np.percentile(values, 2, axis=(1, 2), keepdims=True)
-    high = np.percentile(values, 98, axis=(1, 2), keepdims=True)
-    scaled = (values - low) / np.where(high > low, high - low, 1.0)
+    # nan-aware: a tile's nodata pixels (NaN) neither set the range nor break the picture.
+    low = np.nanpercentile(values, 2, axis=(1, 2), keepdims=True)
+    high = np.nanpercentile(values, 98, axis=(1, 2), keepdims=True)
+    scaled = np.nan_to_num((values - low) / np.where(high > low, high - low, 1.0))
     chosen = np.clip(np.round(scaled * 255), 0, 255).astype(np.uint8)
   return np.repeat(chosen, 3, axis=-1) if len(bands) == 1 else chosen
 
