@@ -41,6 +41,16 @@ def _prepare(logits, labels, ignore_index):
   return logits, labels, mask
 
 
+def _soft_targets(logits, labels, ignore_index):
+  """(softmax probabilities, one-hot targets, both zero at ignored pixels; the validity mask;
+  the axes to sum a class's pixels over) of the overlap losses (Dice, Tversky)."""
+  logits, labels, mask = _prepare(logits, labels, ignore_index)
+  m = mask[..., None].astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1) * m
+  target = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32) * m
+  return probs, target, mask, tuple(range(logits.ndim - 1))
+
+
 def _safe_divide(num, den):
   """num / den, and 0 where den == 0 (no valid pixel), without NaN in the gradient."""
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
@@ -94,12 +104,8 @@ def dice_loss(logits, labels, *, ignore_index: int = 255, smooth: float = 1.0,
   """
   if classes not in ("present", "all"):
     raise ValueError(f"classes must be 'present' or 'all', got {classes!r}")
-  logits, labels, mask = _prepare(logits, labels, ignore_index)
-  k = logits.shape[-1]
-  m = mask[..., None].astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1) * m
-  target = jax.nn.one_hot(labels, k, dtype=jnp.float32) * m
-  axes = tuple(range(logits.ndim - 1))
+  probs, target, mask, axes = _soft_targets(logits, labels, ignore_index)
+  k = probs.shape[-1]
   intersection = jnp.sum(probs * target, axis=axes)
   cardinality = jnp.sum(probs + target, axis=axes)
   dice = (2.0 * intersection + smooth) / jnp.maximum(cardinality + smooth, 1e-7)
@@ -221,12 +227,8 @@ def tversky_loss(logits, labels, *, alpha: float = 0.5, beta: float = 0.5, gamma
   """
   if classes not in ("present", "all", "smp"):
     raise ValueError(f"classes must be 'present', 'all' or 'smp', got {classes!r}")
-  logits, labels, mask = _prepare(logits, labels, ignore_index)
-  k = logits.shape[-1]
-  m = mask[..., None].astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1) * m
-  target = jax.nn.one_hot(labels, k, dtype=jnp.float32) * m
-  axes = tuple(range(logits.ndim - 1))
+  probs, target, mask, axes = _soft_targets(logits, labels, ignore_index)
+  k = probs.shape[-1]
   tp = jnp.sum(probs * target, axis=axes)
   fp = jnp.sum(probs * (1.0 - target), axis=axes)
   fn = jnp.sum((1.0 - probs) * target, axis=axes)

@@ -102,37 +102,37 @@ def test_cross_entropy_label_smoothing_matches_optax():
   assert abs(got - losses.softmax_cross_entropy(logits, labels)) > 1e-3
 
 
-@pytest.mark.parametrize("name", sorted(ALL_LOSSES))
-def test_ignored_pixels_contribute_nothing(name):
-  fn = ALL_LOSSES[name]
+def _with_garbage_at_ignored(fn):
+  """(labels, ignored, logits, the loss and gradient of logits with 1e4 and inf at the ignored
+  pixels): garbage there must neither change the loss nor leak NaN."""
   logits, labels = _data(seed=3, shape=(2, 6, 6), ignore_frac=0.3)
   ignored = labels == IGNORE
-  # Garbage (including inf) at ignored pixels must neither change the loss nor leak NaN.
   noisy = logits.copy()
   noisy[ignored] = 1e4
   noisy[ignored, 0] = np.inf
-  valid_only = fn(logits[~ignored][None, None], labels[~ignored][None, None],
-                  ignore_index=IGNORE)
   loss, grad = jax.jit(jax.value_and_grad(lambda x: fn(x, labels, ignore_index=IGNORE)))(noisy)
-  np.testing.assert_allclose(loss, valid_only, rtol=1e-5)
   assert np.all(np.isfinite(grad))
   assert np.all(grad[ignored] == 0.0)
   assert np.any(grad[~ignored] != 0.0)
+  return labels, ignored, logits, loss
+
+
+@pytest.mark.parametrize("name", sorted(ALL_LOSSES))
+def test_ignored_pixels_contribute_nothing(name):
+  """The loss equals the loss of the valid pixels alone (taken as one image)."""
+  fn = ALL_LOSSES[name]
+  labels, ignored, logits, loss = _with_garbage_at_ignored(fn)
+  valid_only = fn(logits[~ignored][None, None], labels[~ignored][None, None],
+                  ignore_index=IGNORE)
+  np.testing.assert_allclose(loss, valid_only, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(BATCH_LOSSES))
 def test_ignored_pixels_contribute_nothing_per_image(name):
+  """Losses whose value depends on how pixels split into images: clean logits, same loss."""
   fn = BATCH_LOSSES[name]
-  logits, labels = _data(seed=3, shape=(2, 6, 6), ignore_frac=0.3)
-  ignored = labels == IGNORE
-  noisy = logits.copy()
-  noisy[ignored] = 1e4
-  noisy[ignored, 0] = np.inf
-  loss, grad = jax.jit(jax.value_and_grad(lambda x: fn(x, labels, ignore_index=IGNORE)))(noisy)
+  labels, _, logits, loss = _with_garbage_at_ignored(fn)
   np.testing.assert_allclose(loss, fn(logits, labels, ignore_index=IGNORE), rtol=1e-6)
-  assert np.all(np.isfinite(grad))
-  assert np.all(grad[ignored] == 0.0)
-  assert np.any(grad[~ignored] != 0.0)
 
 
 @pytest.mark.parametrize("name", sorted(EVERY_LOSS))

@@ -139,7 +139,5 @@ class ADE20K(FileSource):
 
   def load(self, record):
     image_path, label_path = record
-    example = read_pair(image_path, label_path, lut=self._lut,
-                        name=os.path.splitext(os.path.basename(image_path))[0])
-    example["label_file"] = label_path
-    return example
+    return read_pair(image_path, label_path, lut=self._lut,
+                     name=os.path.splitext(os.path.basename(image_path))[0])

@@ -47,6 +47,4 @@ class CamVid(FileSource):
 
   def load(self, record):
     image_path, label_path = record
-    example = read_pair(image_path, label_path, lut=self._lut)
-    example["label_file"] = label_path
-    return example
+    return read_pair(image_path, label_path, lut=self._lut)

@@ -72,7 +72,5 @@ class Cityscapes(FileSource):
 
   def load(self, record):
     image_path, label_path = record
-    example = read_pair(image_path, label_path, lut=self._lut,
-                        name=os.path.basename(image_path)[:-len(_IMAGE_SUFFIX)])
-    example["label_file"] = label_path
-    return example
+    return read_pair(image_path, label_path, lut=self._lut,
+                     name=os.path.basename(image_path)[:-len(_IMAGE_SUFFIX)])

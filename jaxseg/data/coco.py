@@ -500,7 +500,6 @@ class CocoSegmentation(FileSource):
       raise BadExample(f"{label_path}: values {values[:8]} are not COCO-Stuff label ids "
                        "(0..181 less the 11 unused thing ids, 255 unlabelled)")
     example["label"] = self._lut[raw]
-    example["label_file"] = label_path
     return example
 
 

@@ -211,7 +211,8 @@ def read_label(path: str) -> np.ndarray:
 
 def read_pair(image_path: str, label_path: str, *, lut: np.ndarray | None = None,
               name: str = "") -> dict[str, Any]:
-  """{"image", "label", "name"}; `lut` (256 entries) maps raw label values to class ids."""
+  """{"image", "label", "name", "label_file"}; `lut` (256 entries) maps raw label values to
+  class ids. `label_file` names the label in a range error (FileSource drops it after)."""
   image = read_image(image_path)
   label = read_label(label_path)
   if label.shape != image.shape[:2]:
@@ -219,7 +220,8 @@ def read_pair(image_path: str, label_path: str, *, lut: np.ndarray | None = None
                      f"{image_path} is {image.shape[1]}x{image.shape[0]} (WxH)")
   if lut is not None:
     label = lut[label]
-  return {"image": image, "label": label, "name": name or os.path.basename(image_path)}
+  return {"image": image, "label": label, "name": name or os.path.basename(image_path),
+          "label_file": label_path}
 
 
 def check_label_range(label: np.ndarray, num_classes: int, ignore_index: int, where: str):

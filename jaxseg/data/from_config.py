@@ -150,6 +150,10 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   if channels(val) != channels(train):
     raise JaxsegError(f"{val!r} has {channels(val)[0]}-channel {channels(val)[1].name} images "
                       f"but {train!r} has {in_channels}-channel {channels(train)[1].name} ones")
+  bands = config.data.get("display_bands")
+  if bands and (len(bands) not in (1, 3) or not all(0 <= int(b) < in_channels for b in bands)):
+    raise JaxsegError(f"--config.data.display_bands={tuple(bands)}: give 1 or 3 band indices "
+                      f"in 0..{in_channels - 1}")
   statistics = functools.cache(lambda: stats.cached(train, workdir))
   ignore = train.ignore_index
   crop = _pair(config.data.crop_size, "crop_size") or spec.crop_size

@@ -79,6 +79,4 @@ class GeneratedPairs(FileSource):
 
   def load(self, record):
     image_path, label_path = record
-    example = read_pair(image_path, label_path)
-    example["label_file"] = label_path
-    return example
+    return read_pair(image_path, label_path)

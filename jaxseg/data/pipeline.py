@@ -306,6 +306,11 @@ def eval_batches(source, batch_size: int, num_examples: int | None = None,
     index = np.full(batch_size, -1, np.int64)
     index[:len(indices)] = indices
     examples += [fallback] * (batch_size - len(examples))
+    shapes = sorted({np.shape(e["image"]) for e in examples})
+    if len(shapes) > 1:
+      raise JaxsegError(f"{source!r}: val images differ in size ({shapes[0]}, {shapes[-1]}); "
+                        "set --config.data.eval_size=H,W to a canvas that holds the largest "
+                        "(padding is ignored)")
     yield {"image": np.stack([e["image"] for e in examples]),
            "label": np.stack([e["label"] for e in examples]), "mask": mask, "index": index}
 

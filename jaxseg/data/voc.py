@@ -178,8 +178,5 @@ class PascalVOC(FileSource):
       if label.shape != image.shape[:2]:
         raise BadExample(f"{label_path}: label is {label.shape[1]}x{label.shape[0]} but its "
                          f"image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH)")
-      example = {"image": image, "label": label, "name": name}
-    else:
-      example = read_pair(image_path, label_path, name=name)
-    example["label_file"] = label_path
-    return example
+      return {"image": image, "label": label, "name": name, "label_file": label_path}
+    return read_pair(image_path, label_path, name=name)
