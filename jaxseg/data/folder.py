@@ -250,6 +250,9 @@ class FolderDataset(FileSource):
       if self.classes.ignore_color is not None:
         self._colour_ids[int(_colour_keys(np.array([self.classes.ignore_color]))[0])] = (
             self.ignore_index)
+      order = sorted(self._colour_ids)
+      self._colour_table = (np.array(order, np.int64),
+                            np.array([self._colour_ids[k] for k in order], np.uint8))
     # One channel count and dtype per split: the first image's (from its header), which every
     # example is checked against when read.
     self.in_channels, self.image_dtype = probe_array(pairs[0][0])
@@ -295,18 +298,20 @@ class FolderDataset(FileSource):
     if self._colour_ids is None:
       raise BadExample(f"{path}: mask is colour-coded (RGB) but {CLASS_FILE} has no "
                        '"palette"; add one colour per class, or save masks as class ids')
-    keys, inverse, counts = np.unique(_colour_keys(rgb.reshape(-1, 3)), return_inverse=True,
-                                      return_counts=True)
-    ids = np.empty(len(keys), np.uint8)
-    for i, key in enumerate(keys.tolist()):
-      if key not in self._colour_ids:
-        colour = [key >> 16, (key >> 8) & 255, key & 255]
-        raise BadExample(f"{path}: colour {colour} ({int(counts[i])} pixels) is not in the "
-                         f'"palette" of {os.path.join(self.data_dir, CLASS_FILE)}'
-                         + ("" if self.classes.ignore_color else
-                            ' (set "ignore_color" if it marks pixels to ignore)'))
-      ids[i] = self._colour_ids[key]
-    return ids[inverse].reshape(rgb.shape[:2])
+    # A binary search among the few palette colours per pixel: no sort of the pixels.
+    keys = _colour_keys(rgb)
+    known_keys, ids = self._colour_table
+    where = np.minimum(np.searchsorted(known_keys, keys), len(known_keys) - 1)
+    known = known_keys[where] == keys
+    if not known.all():
+      unknown, counts = np.unique(keys[~known], return_counts=True)
+      key, count = int(unknown[0]), int(counts[0])
+      colour = [key >> 16, (key >> 8) & 255, key & 255]
+      raise BadExample(f"{path}: colour {colour} ({count} pixels) is not in the "
+                       f'"palette" of {os.path.join(self.data_dir, CLASS_FILE)}'
+                       + ("" if self.classes.ignore_color else
+                          ' (set "ignore_color" if it marks pixels to ignore)'))
+    return ids[where]
 
 
 def _colour_keys(rgb: np.ndarray) -> np.ndarray:
