@@ -205,3 +205,14 @@ def test_camvid_as_a_folder_dataset_trains_to_the_same_scores(tmp_path):
   assert len(camvid_losses) == 3 and folder_losses == camvid_losses
   for key in ("miou", "pixel_accuracy", "mean_dice", "per_class_iou"):
     assert mine[key] == camvid[key], key
+
+
+def test_the_gans_refuse_images_that_are_not_rgb_in_one_line(tmp_path):
+  from experiments.configs import sagan as sagan_config  # pylint: disable=g-import-not-at-top
+  from jaxseg.train import gan_loop  # pylint: disable=g-import-not-at-top
+  config = sagan_config.get_config()
+  config.data.name, config.data.data_dir = "folder", write_tiffs(str(tmp_path / "tiles"), n=4)
+  config.data.val_fraction = 0.25
+  with pytest.raises(JaxsegError, match=r"the GANs draw 8-bit RGB images; FolderDataset\(.*\) "
+                                        r"has 4-channel uint16 ones"):
+    gan_loop.train_and_evaluate(config, str(tmp_path / "gan"))

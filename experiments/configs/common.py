@@ -20,6 +20,8 @@ def data_section(*, image_pipeline: bool) -> ml_collections.ConfigDict:
   data.seed = 0  # dataset generation seed (synthetic)
   data.preset = "default"  # synthetic only: "default" or "hard" (see data/synthetic.py)
   data.train_split = "train"  # voc: "train_aug" with data.options.sbd_dir
+  # Without masks/val, this seeded share (by data.seed) of a folder dataset's train split is val.
+  data.val_fraction = 0.1
   data.val_split = "val"
   data.flip = True  # random horizontal flips (with crop_size)
   data.skip_bad_examples = False  # skip, log and count unreadable examples
@@ -50,8 +52,6 @@ def data_section(*, image_pipeline: bool) -> ml_collections.ConfigDict:
     data.prefetch = 2  # batches read and sent to the devices ahead of the step
     # Input channels: 0 reads them from the data (folder datasets: 1, 3, 4 or more).
     data.in_channels = 0
-    # Without masks/val, this seeded share of a folder dataset's train split is val.
-    data.val_fraction = 0.1
     # How images become model inputs: "auto" is the model's usual ImageNet / pretrained
     # normalisation for 8-bit RGB and the train split's own per-channel statistics otherwise
     # (computed once, cached in the workdir); "dataset" those for RGB too; "imagenet".

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxseg import image_quality, visualize
 from jaxseg.data import pipeline
+from jaxseg.data.files import channels
 from jaxseg.data.from_config import make_data
 from jaxseg.errors import JaxsegError
 from jaxseg.train import build, loop, sharding
@@ -67,6 +68,9 @@ def _setup(config, workdir: str) -> _Setup:
   mesh = sharding.make_mesh()
   local_batch = sharding.check_batch_size(config.train.batch_size, mesh)
   data = make_data(config, workdir, local_batch)
+  if channels(data.train) != (3, np.uint8):
+    raise JaxsegError(f"the GANs draw 8-bit RGB images; {data.train!r} has "
+                      f"{channels(data.train)[0]}-channel {channels(data.train)[1].name} ones")
   num_classes = data.train.num_classes
   gan = build.gan(config, num_classes, data.image_shape)
   background = config.model.background_class
