@@ -70,8 +70,8 @@ def test_two_steps_end_to_end_writes_every_output(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--backbone=resnet18"], "error: unknown --backbone='resnet18'; valid choices: resnet101, "
                               "resnet50, xception"),
-    (["--dataset=imagenet"], "error: unknown --dataset='imagenet'; valid choices: camvid, "
-                             "cityscapes, coco, synthetic"),
+    (["--dataset=imagenet"], "error: unknown --dataset='imagenet'; valid choices: ade20k, "
+                             "camvid, cityscapes, coco, folder, synthetic, voc"),
     (["--dataset=camvid"], "error: dataset camvid is read from disk: pass --data_dir=PATH"),
     (["--dataset=cityscapes", "--data_dir=/nowhere"],
      "error: /nowhere/leftImg8bit/train: no such directory (Cityscapes train images)"),
