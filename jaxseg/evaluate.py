@@ -59,13 +59,14 @@ class Ensemble:
                           f"({', '.join(first.classes.names[:4])}, ...); an ensemble needs "
                           "the same classes")
     for m in members[1:]:
-      if m.in_channels != first.in_channels:
-        raise JaxsegError(f"--workdir={m.workdir} takes {m.in_channels}-channel images but "
-                          f"--workdir={first.workdir} takes {first.in_channels}")
+      if (m.in_channels, m.image_dtype) != (first.in_channels, first.image_dtype):
+        raise JaxsegError(f"--workdir={m.workdir} takes {m.in_channels}-channel {m.image_dtype} "
+                          f"images but --workdir={first.workdir} takes {first.in_channels}-"
+                          f"channel {first.image_dtype} ones")
     self.members = list(members)
     self.weights = [w / sum(weights) for w in weights]
     self.num_classes, self.classes = first.num_classes, first.classes
-    self.in_channels = first.in_channels
+    self.in_channels, self.image_dtype = first.in_channels, first.image_dtype
     self.workdir = ""
 
   @property
@@ -143,9 +144,11 @@ def evaluate(model, source, *, batch_size: int = 8, tta: TTA = NO_TTA,
   return Result(metrics.summarize(confusion), confusion, settings, kept)
 
 
-def write_report(out_dir: str, result: Result, classes, *, title: str | None = None) -> dict:
+def write_report(out_dir: str, result: Result, classes, *, title: str | None = None,
+                 bands=None) -> dict:
   """OUT/eval.json (scores, per-class table, settings, confusion matrix), confusion.png and
-  eval_predictions.png; returns what eval.json holds."""
+  eval_predictions.png (images that are not RGB shown by their `bands`, visualize.as_rgb);
+  returns what eval.json holds."""
   os.makedirs(out_dir, exist_ok=True)
   s = result.summary
   report = {**{k: s[k] for k in ("miou", "pixel_accuracy", "mean_dice", "mean_accuracy",
@@ -164,7 +167,8 @@ def write_report(out_dir: str, result: Result, classes, *, title: str | None = N
     visualize.prediction_grid(os.path.join(out_dir, "eval_predictions.png"),
                               np.stack(result.kept["image"]), np.stack(result.kept["label"]),
                               np.stack(result.kept["prediction"]), classes.names,
-                              classes.palette, ignore_index=classes.ignore_index, title=title)
+                              classes.palette, ignore_index=classes.ignore_index, title=title,
+                              bands=bands)
   return report
 
 
@@ -261,16 +265,18 @@ def _run_evaluation(workdirs, out_dir, *, weights, dataset, data_dir, split, tta
   source, default_window, operations = eval_source(first.config, dataset=dataset,
                                                    data_dir=data_dir, split=split)
   window = default_window if window == "default" else window
-  if channels(source)[0] != model.in_channels:
-    raise JaxsegError(f"{source!r} has {channels(source)[0]}-channel images but the model "
-                      f"takes {model.in_channels}")
+  c, dtype = channels(source)
+  if (c, dtype.name) != (model.in_channels, model.image_dtype):
+    raise JaxsegError(f"{source!r} has {c}-channel {dtype.name} images but the model takes "
+                      f"{model.in_channels}-channel {model.image_dtype} ones")
   result = evaluate(model, source, batch_size=batch_size, tta=tta, window=window,
                     num_examples=num_examples, operations=operations, keep=keep)
   where = f"{dataset or first.config.data.name} {split or first.config.data.val_split}"
   return result, write_report(
       out_dir, result, model.classes,
       title=f"{model.name}, {where}: mIoU {metrics.fmt_score(result.summary['miou'])}"
-            f"{' (TTA)' if tta.num_views > 1 else ''}")
+            f"{' (TTA)' if tta.num_views > 1 else ''}",
+      bands=first.config.data.get("display_bands"))
 
 
 def export_predictions(model, paths: Sequence[str], *, out_dir: str | None = None,
@@ -292,28 +298,31 @@ def export_predictions(model, paths: Sequence[str], *, out_dir: str | None = Non
     check_not_locked(folder, "out_dir")
   if model.num_classes > 256:
     raise JaxsegError(f"{model.num_classes} classes do not fit an 8-bit label PNG")
+  first = model.members[0] if isinstance(model, Ensemble) else model
   if window == "default":
-    first = model.members[0] if isinstance(model, Ensemble) else model
     window = from_config.eval_settings(first.config, model.classes.ignore_index)[0]
   written = []
   palette = model.classes.palette
+  bands = first.config.data.get("display_bands")
+  rgb8 = (model.in_channels, model.image_dtype) == (3, "uint8")
   for path in tqdm.tqdm(paths, desc="predict", unit="image", dynamic_ncols=True,
                         disable=len(paths) < 2):
     try:
-      # RGB runs take any picture (grey, palette, 16-bit: as RGB); others the file's own bands.
-      image = read_image(path) if model.in_channels == 3 else read_array(path)
+      # 8-bit RGB runs take any picture (grey, palette, 16-bit: as 8-bit RGB); others the
+      # file's own bands and values.
+      image = read_image(path) if rgb8 else read_array(path)
     except BadExample as e:
       raise JaxsegError(str(e)) from None
-    if image.shape[-1] != model.in_channels:
-      raise JaxsegError(f"{path}: image has {image.shape[-1]} channel(s) but the model takes "
-                        f"{model.in_channels}")
+    if (image.shape[-1], image.dtype.name) != (model.in_channels, model.image_dtype):
+      raise JaxsegError(f"{path}: image has {image.shape[-1]} channel(s) of {image.dtype.name} "
+                        f"but the model takes {model.in_channels} of {model.image_dtype}")
     labels = np.asarray(jnp.argmax(model.probabilities(image[None], tta=tta, window=window)[0],
                                    -1), np.uint8)
     stem = os.path.splitext(os.path.basename(path))[0]
     base = os.path.join(out_dir or os.path.dirname(os.path.abspath(path)), stem)
     outputs = {"labels": labels, "mask": visualize.colorize(labels, palette),
-               "overlay": visualize.overlay(visualize.as_rgb(image[None])[0], labels, palette,
-                                            alpha=alpha)}
+               "overlay": visualize.overlay(visualize.as_rgb(image[None], bands)[0], labels,
+                                            palette, alpha=alpha)}
     for kind, array in outputs.items():
       target = f"{base}_{kind}.png"
       Image.fromarray(array).save(target)

@@ -52,6 +52,7 @@ class Run:
   workdir: str = ""
   weights_source: str = "raw"  # "ema": the run's weight average (load_run's `weights`)
   in_channels: int = 3  # of the images it takes (folder datasets: any)
+  image_dtype: str = "uint8"  # ... and their dtype (folder datasets: uint16, float32 too)
 
   def __post_init__(self):
     model, preprocess, k = self.model, self.preprocess, self.num_classes
@@ -98,6 +99,7 @@ class GraphRun:
   workdir: str = ""
   weights_source: str = "raw"
   in_channels: int = 3  # SLIC superpixels are of RGB images
+  image_dtype: str = "uint8"
 
   def __post_init__(self):
     model = self.model
@@ -236,7 +238,7 @@ def load_run(workdir: str, flag: str = "workdir", *, checkpoint: str | int = "be
   variables, which = _variables(state, weights)
   return Run(config, model["cnn"], variables, preprocess, identity["num_classes"], step,
              _load_classes(workdir, config), os.path.abspath(workdir), which,
-             identity.get("in_channels", 3))
+             identity.get("in_channels", 3), identity.get("image_dtype", "uint8"))
 
 
 def _load_graph_run(workdir: str, flag: str, config, checkpoint, weights) -> GraphRun:

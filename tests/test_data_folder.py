@@ -147,7 +147,8 @@ def test_read_array_keeps_channels_and_values(tmp_path, name):
                     ).save(path)
   image = files.read_array(path)
   assert image.shape == (H, W, channels) and image.dtype == dtype
-  assert files.probe_array(path) == (channels, np.dtype(dtype))  # from the header alone
+  # From the header alone: what read_array gives, and the size.
+  assert files.probe_array(path) == (channels, np.dtype(dtype), (H, W))
   expected = np.moveaxis(array, 0, -1) if "planar" in name else array
   np.testing.assert_array_equal(image, np.asarray(expected, dtype).reshape(H, W, channels))
 
@@ -218,6 +219,10 @@ ERRORS = {
     "more than 255 classes": (
         lambda p: _class_file(p, json.dumps({"names": [f"c{i}" for i in range(256)]})),
         "256 classes; at most 255"),
+    "no classes.json, binary masks": (
+        lambda p: write(p, None, {"a": rgb()}, {"a": np.where(ids() > 0, 255, 0).astype(np.uint8)}),
+        r'classes\.json is missing; write \{"names": \["background", "foreground"\], "binary": '
+        r'true\} there'),
     "no classes.json": (
         lambda p: _two(p, classes=None),
         r"classes\.json is missing; write \{\"names\": \[\"class0\", \"class1\", \"class2\"\]\} "
@@ -250,12 +255,6 @@ EXAMPLE_ERRORS = {
     "class id above the count": (
         {"masks": {"b": np.full((H, W), 5, np.uint8)}},
         r"b\.png: label values \[5\] are outside 0\.\.2"),
-    "other channel count": (
-        {"images": {"b": rgb(1, (H, W, 1))}},
-        r"b\.png: image has 1 channel\(s\) of uint8, but .*a\.png has 3"),
-    "other dtype": (
-        {"images": {"b": (".npy", rgb(1, dtype=np.float32))}},
-        r"b\.npy: image has 3 channel\(s\) of float32, but .*a\.png has 3 of uint8"),
 }
 
 
@@ -274,6 +273,76 @@ def test_bad_examples_are_one_line_errors_or_skipped(tmp_path, case):
   assert "\n" not in str(error.value)
   skipping = data.get_dataset("folder", "train", data_dir=root, skip_bad_examples=True)
   assert BAD_KEY in skipping[index] and BAD_KEY not in skipping[1 - index]
+
+
+@pytest.mark.parametrize("odd, message", [
+    (rgb(1, (H, W, 1)), r"c\.png: image has 1 channel\(s\) of uint8, but 2 of the split's 3 "
+                        r"images have 3 of uint8"),
+    ((".npy", rgb(1, dtype=np.float32)), r"c\.npy: image has 3 channel\(s\) of float32, but 2 "
+                                         r"of the split's 3 images have 3 of uint8"),
+])
+def test_an_image_of_another_format_is_found_when_the_split_is_listed(tmp_path, odd, message):
+  """Every image's header is read when the split is listed: the split's format is the one
+  most images have (an odd one sorting first does not decide it), and the odd one is named
+  before anything trains, or skipped."""
+  root = write(tmp_path, NAMES3, {"c": odd, "d": rgb(2), "e": rgb(3)},
+               {"c": ids(1), "d": ids(2), "e": ids(3)})
+  os.makedirs(tmp_path / "masks" / "val")
+  with pytest.raises(BadExample, match=message):
+    data.get_dataset("folder", "train", data_dir=root)
+  source = data.get_dataset("folder", "train", data_dir=root, skip_bad_examples=True)
+  assert len(source) == 2 and data.channels(source) == (3, np.uint8)
+  assert len(source.skipped) == 1 and "c." in source.skipped[0]
+
+
+def test_palette_mode_masks_are_ids_unless_their_colours_say_otherwise(tmp_path):
+  """Pascal VOC's masks: palette PNGs whose index is the class id and whose colours are the
+  class colours. A palette PNG whose editor reordered the colours is read by its colours."""
+  palette = [[0, 0, 0], [128, 64, 128], [0, 0, 142]]
+  expected = ids(0)
+  voc_like = Image.fromarray(expected, "P")
+  voc_like.putpalette(sum(palette, []))
+  reordered = Image.fromarray(np.array([0, 2, 1], np.uint8)[expected], "P")
+  reordered.putpalette(sum([palette[0], palette[2], palette[1]], []))
+  root = write(tmp_path, {**NAMES3, "palette": palette}, {"a": rgb(), "b": rgb(1)}, {})
+  voc_like.save(tmp_path / "masks" / "train" / "a.png")
+  reordered.save(tmp_path / "masks" / "train" / "b.png")
+  os.makedirs(tmp_path / "masks" / "val")
+  source = data.get_dataset("folder", "train", data_dir=root)
+  np.testing.assert_array_equal(source[0]["label"], expected)
+  np.testing.assert_array_equal(source[1]["label"], expected)
+
+
+def test_tiffs_in_every_layout_tifffile_writes(tmp_path):
+  """tifffile stores a 3-D array that is not RGB as pages of its last two axes, whether it
+  was (C, H, W) or (H, W, C): the smaller end axis is the bands. Samples axes (interleaved,
+  or planar as GDAL writes) say where the bands are."""
+  bands = rgb(5, (20, 30, 13), np.uint16, 4096)
+  layouts = {"hwc13": (bands, {}), "chw13": (np.moveaxis(bands, -1, 0), {}),
+             "hwc5": (bands[..., :5], {}),
+             "planar": (np.moveaxis(bands[..., :4], -1, 0),
+                        dict(photometric="minisblack", planarconfig="separate"))}
+  for name, (array, options) in layouts.items():
+    path = str(tmp_path / f"{name}.tif")
+    tifffile.imwrite(path, array, **options)
+    image = files.read_array(path)
+    c = image.shape[-1]
+    np.testing.assert_array_equal(image, bands[..., :c], err_msg=name)
+    assert files.probe_array(path) == (c, np.dtype(np.uint16), (20, 30)), name
+
+
+def test_val_images_of_different_sizes_are_one_line_before_training(tmp_path):
+  from jaxseg.data import from_config  # pylint: disable=g-import-not-at-top
+  root = _two(tmp_path, images={"b": rgb(1, (H + 2, W, 3))}, masks={"b": ids(1, shape=(H + 2, W))})
+  write(root, None, {"v": rgb(), "w": rgb(1, (H + 2, W, 3))},
+        {"v": ids(), "w": ids(1, shape=(H + 2, W))}, split="val")
+  config = helpers.tiny_config(**{"data.name": "folder", "data.data_dir": root})
+  with pytest.raises(JaxsegError, match=r"val images differ in size \(\(12, 16\), \(14, 16\) "
+                                        r"HxW, \.\.\.\); set --config.data.eval_size=H,W"):
+    from_config.make_data(config, str(tmp_path), 8)
+  config.data.eval_size = (16, 16)
+  data_ = from_config.make_data(config, str(tmp_path), 8)
+  assert data_.image_shape == (H, W, 3)  # crops default to the first train image's size
 
 
 def test_unpaired_files_are_skipped_and_listed_with_skip_bad_examples(tmp_path):

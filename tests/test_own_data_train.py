@@ -99,9 +99,17 @@ def test_predict_writes_masks_of_a_tiff(four_band, tmp_path):
   assert labels.shape == (H, W) and labels.max() < 3
   grey = str(tmp_path / "grey.png")
   Image.fromarray(np.zeros((H, W), np.uint8)).save(grey)
-  with pytest.raises(JaxsegError, match=r"grey\.png: image has 1 channel\(s\) but the model "
-                                        r"takes 4"):
+  with pytest.raises(JaxsegError, match=r"grey\.png: image has 1 channel\(s\) of uint8 but "
+                                        r"the model takes 4 of uint16"):
     evaluate.export_predictions(model, [grey], out_dir=str(tmp_path))
+  # Three bands but 8-bit: not what the model was trained on (it would be normalised by the
+  # 16-bit statistics), so not silently converted either.
+  eight = str(tmp_path / "eight.tif")
+  tifffile.imwrite(eight, np.zeros((H, W, 4), np.uint8), photometric="minisblack",
+                   planarconfig="contig")
+  with pytest.raises(JaxsegError, match=r"eight\.tif: image has 4 channel\(s\) of uint8 but "
+                                        r"the model takes 4 of uint16"):
+    evaluate.export_predictions(model, [eight], out_dir=str(tmp_path))
 
 
 def test_a_resumed_run_on_folder_data_is_exact(four_band, tmp_path):

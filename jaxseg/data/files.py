@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 from absl import logging
@@ -110,21 +110,42 @@ def _as_hwc(array: np.ndarray, path: str) -> np.ndarray:
   return np.ascontiguousarray(array)
 
 
-def _tiff_hwc(path: str) -> np.ndarray:
-  """A TIFF's first image as (H, W, C), whether its bands are interleaved or planar."""
+def _tiff_permutation(shape, axes: str, shaped: bool, path: str) -> list[int]:
+  """The transpose that makes a TIFF series (H, W) or (H, W, C).
+
+  tifffile names axes: Y, X rows and columns; S samples (bands interleaved, or planar as GDAL
+  writes them); Q, I, C pages or planes. Files tifffile itself wrote (`shaped`) without an S
+  axis hold the array as it was given to `imwrite`, which stores a 3-D array that is not RGB
+  as pages of its last two axes: (C, H, W) and (H, W, C) both come out as Q, Y, X. The smaller
+  of the first and last axes is taken for the bands (a 13-band tile is 13 x 256 x 256 or
+  256 x 256 x 13, never 256 x 13 x 256).
+  """
+  if len(shape) == 2 and axes.endswith("YX"):
+    return [0, 1]
+  if len(shape) != 3 or "Y" not in axes or "X" not in axes:
+    raise BadExample(f"{path}: TIFF axes {axes} (shape {tuple(shape)}); expected one image of "
+                     "rows, columns and bands")
+  if "S" not in axes and shaped:
+    return [1, 2, 0] if shape[0] <= shape[2] else [0, 1, 2]
+  rest = [i for i, a in enumerate(axes) if a not in "YX"]
+  return [axes.index("Y"), axes.index("X"), *rest]
+
+
+def _tiff(path: str, pixels: bool):
+  """(array or None, shape, dtype, permutation) of a TIFF's first series."""
   import tifffile  # pylint: disable=g-import-not-at-top  # only folder datasets read TIFFs
   try:
     with tifffile.TiffFile(path) as tif:
       series = tif.series[0]
-      array, axes = series.asarray(), series.axes
+      shape, axes, dtype = tuple(series.shape), series.axes, series.dtype
+      # squeeze: tifffile may add length-1 axes (one page, one sample) around the image.
+      kept = [i for i, n in enumerate(shape) if n != 1 or axes[i] in "YX"]
+      array = series.asarray().reshape([shape[i] for i in kept]) if pixels else None
+      shape, axes = tuple(shape[i] for i in kept), "".join(axes[i] for i in kept)
+      shaped = tif.is_shaped
   except (OSError, ValueError, KeyError, IndexError, tifffile.TiffFileError) as e:
     raise BadExample(f"{path}: not a readable TIFF ({e})") from None
-  # tifffile names axes: Y, X rows and columns; S samples (interleaved); C, Q, I planes.
-  if "Y" not in axes or "X" not in axes or array.ndim > 3:
-    raise BadExample(f"{path}: TIFF axes {axes} (shape {array.shape}); expected one image of "
-                     "rows, columns and bands")
-  rest = [i for i, a in enumerate(axes) if a not in "YX"]
-  return np.transpose(array, [axes.index("Y"), axes.index("X"), *rest])
+  return array, shape, dtype, _tiff_permutation(shape, axes, shaped, path)
 
 
 def read_array(path: str) -> np.ndarray:
@@ -146,7 +167,8 @@ def read_array(path: str) -> np.ndarray:
   if suffix in (".tif", ".tiff"):
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
       raise BadExample(f"{path}: image file is missing or empty")
-    return _as_hwc(_tiff_hwc(path), path)
+    array, _, _, order = _tiff(path, pixels=True)
+    return _as_hwc(np.transpose(array, order), path)
   with _open(path, "image") as image:
     image = _load(image, path, "image")
     if image.mode in ("1", "LA"):
@@ -159,37 +181,41 @@ def read_array(path: str) -> np.ndarray:
     return _as_hwc(array, path)
 
 
-def probe_array(path: str) -> tuple[int, np.dtype]:
-  """(channels, dtype) `read_array` gives for `path`, from its header where the format has one
-  (PIL, .npy and TIFF all do): a split is checked for one channel count and dtype before any
-  pixel is decoded."""
+class ImageInfo(NamedTuple):
+  """What `read_array` will give for a file, read from its header."""
+  channels: int
+  dtype: np.dtype
+  size: tuple[int, int]  # (height, width)
+
+
+def probe_array(path: str) -> ImageInfo:
+  """The channels, dtype and size `read_array` gives for `path`, from its header (PIL, .npy
+  and TIFF all have one): a split is checked for one channel count and dtype, and val images
+  for one size, before any pixel is decoded."""
   suffix = os.path.splitext(path)[1].lower()
   try:
     if suffix == ".npy":
       array = np.load(path, mmap_mode="r", allow_pickle=False)
       shape, dtype = array.shape, array.dtype
     elif suffix in (".tif", ".tiff"):
-      import tifffile  # pylint: disable=g-import-not-at-top
-      with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
-        shape, dtype, axes = series.shape, series.dtype, series.axes
-      if "Y" in axes and "X" in axes and len(shape) == 3:
-        shape = (0, 0, shape[[i for i, a in enumerate(axes) if a not in "YX"][0]])
+      _, shape, dtype, order = _tiff(path, pixels=False)
+      shape = tuple(shape[i] for i in order)
     else:
       with _open(path, "image") as image:
-        mode = image.mode
+        mode, (w, h) = image.mode, image.size
       if mode in ("I;16", "I;16B", "I;16L"):
-        return 1, np.dtype(np.uint16)
+        return ImageInfo(1, np.dtype(np.uint16), (h, w))
       if mode in ("F", "I"):
-        return 1, np.dtype(np.float32)
-      return (1 if mode in ("L", "1", "LA") else 3), np.dtype(np.uint8)
+        return ImageInfo(1, np.dtype(np.float32), (h, w))
+      return ImageInfo(1 if mode in ("L", "1", "LA") else 3, np.dtype(np.uint8), (h, w))
   except BadExample:
     raise
   except Exception as e:  # pylint: disable=broad-except  # any reader's failure, in one line
     raise BadExample(f"{path}: not a readable image ({e})") from None
   channels = 1 if len(shape) == 2 else int(shape[-1])
   dtype = np.dtype(dtype)
-  return channels, (dtype if dtype.type in _KEPT_DTYPES else np.dtype(np.float32))
+  return ImageInfo(channels, dtype if dtype.type in _KEPT_DTYPES else np.dtype(np.float32),
+                   (int(shape[0]), int(shape[1])))
 
 
 def read_label(path: str) -> np.ndarray:

@@ -18,15 +18,18 @@ train: the same names on every run with the same files. docs/own_data.md is the 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
 from typing import Any
 
 import numpy as np
+import tqdm
 
-from jaxseg.data.files import (BadExample, FileSource, probe_array, read_array, read_label,
-                               _load, _open)
+from jaxseg.data.files import (BadExample, FileSource, ImageInfo, probe_array, read_array,
+                               read_label, _load, _open)
 from jaxseg.errors import JaxsegError
 
 CLASS_FILE = "classes.json"
@@ -149,6 +152,8 @@ def _missing_class_file(data_dir: str, limit: int = 200) -> str:
     k = max(i for i in ids if i != 255) + 1 if ids - {255} else 1
     example = json.dumps({"names": [f"class{i}" for i in range(min(k, 3))]})[:-2]
     example += ', ...]}' if k > 3 else "]}"
+    if ids == {0, 255}:  # binary masks: 255 must be said to be the foreground
+      example = '{"names": ["background", "foreground"], "binary": true}'
   elif colours:
     example = '{"names": [...], "palette": [[R, G, B], ...]}'
     found = " (the train masks are colour-coded: give each class its colour)"
@@ -203,6 +208,41 @@ def list_split(data_dir: str, split: str, *, skip_bad_examples: bool = False
   return pairs, skipped
 
 
+def one_format(pairs, skipped: list[str], skip_bad_examples: bool):
+  """(pairs, their ImageInfos, (channels, dtype)): every image's header read (a thread per
+  file's wait), and the split's one format the one most images have; an image of another is
+  an error naming it, or skipped (appended to `skipped`)."""
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    infos = list(tqdm.tqdm(pool.map(lambda pair: _probe(pair[0]), pairs), total=len(pairs),
+                           desc="reading image headers", unit="image", leave=False,
+                           disable=len(pairs) < 2000, mininterval=1.0))
+  formats = collections.Counter((i.channels, i.dtype) for i in infos if isinstance(i, ImageInfo))
+  if not formats:
+    raise BadExample(infos[0] if isinstance(infos[0], str) else "no readable image")
+  (channels, dtype), count = formats.most_common(1)[0]
+  kept_pairs, kept_infos = [], []
+  for pair, info in zip(pairs, infos):
+    if isinstance(info, ImageInfo) and (info.channels, info.dtype) == (channels, dtype):
+      kept_pairs.append(pair)
+      kept_infos.append(info)
+      continue
+    message = info if isinstance(info, str) else (
+        f"{pair[0]}: image has {info.channels} channel(s) of {info.dtype.name}, but {count} of "
+        f"the split's {len(pairs)} images have {channels} of {dtype.name}; every image of a "
+        "split must match")
+    if not skip_bad_examples:
+      raise BadExample(message)
+    skipped.append(message)
+  return kept_pairs, kept_infos, (channels, dtype)
+
+
+def _probe(path: str) -> ImageInfo | str:
+  try:
+    return probe_array(path)
+  except BadExample as e:
+    return str(e)
+
+
 def held_out(count: int, fraction: float, seed: int) -> np.ndarray:
   """Sorted indices of the `fraction` of `count` examples that make up a derived val split:
   a permutation seeded by `seed`, so the same files give the same split on every run."""
@@ -235,12 +275,16 @@ class FolderDataset(FileSource):
     derived = split != "test" and not os.path.isdir(os.path.join(self.data_dir, "masks", "val"))
     listed = "train" if derived else split
     pairs, skipped = list_split(self.data_dir, listed, skip_bad_examples=skip_bad_examples)
+    pairs, infos, (self.in_channels, self.image_dtype) = one_format(
+        pairs, skipped, skip_bad_examples)
     description = f"FolderDataset(split={split!r}, data_dir={self.data_dir!r}"
     if derived:
       val = held_out(len(pairs), val_fraction, seed)
       keep = set(val.tolist()) if split == "val" else set(range(len(pairs))) - set(val.tolist())
       pairs = [p for i, p in enumerate(pairs) if i in keep]
+      infos = [info for i, info in enumerate(infos) if i in keep]
       description += f", val_fraction={val_fraction}, seed={seed}"
+    self.image_sizes = [info.size for info in infos]  # (h, w) of each example, from headers
     self.val_fraction, self.seed, self.derived_val = val_fraction, seed, derived
     self._mask_lut = self._lut()
     self._colour_ids = None
@@ -253,9 +297,6 @@ class FolderDataset(FileSource):
       order = sorted(self._colour_ids)
       self._colour_table = (np.array(order, np.int64),
                             np.array([self._colour_ids[k] for k in order], np.uint8))
-    # One channel count and dtype per split: the first image's (from its header), which every
-    # example is checked against when read.
-    self.in_channels, self.image_dtype = probe_array(pairs[0][0])
     super().__init__(pairs, skip_bad_examples=skip_bad_examples, skipped=skipped,
                      description=description + f", examples={len(pairs)})")
 
@@ -269,9 +310,9 @@ class FolderDataset(FileSource):
     image_path, mask_path = record
     image = read_array(image_path)
     if image.shape[-1] != self.in_channels or image.dtype != self.image_dtype:
-      first = self._records[0][0]
+      # (its header said otherwise: a file changed since the split was listed)
       raise BadExample(f"{image_path}: image has {image.shape[-1]} channel(s) of "
-                       f"{image.dtype}, but {first} has {self.in_channels} of "
+                       f"{image.dtype}, but the split's images have {self.in_channels} of "
                        f"{self.image_dtype.name}; every image of a split must match")
     label = self.read_mask(mask_path)
     if label.shape != image.shape[:2]:
@@ -292,7 +333,23 @@ class FolderDataset(FileSource):
       image = _load(image, path, "mask")
       if image.mode in ("RGB", "RGBA"):
         return self._decode_colours(np.asarray(image.convert("RGB")), path)
+      if image.mode == "P" and self._colour_ids is not None and not self._ids_agree(image):
+        # A palette PNG whose colours are not classes.json's at its indices (an image editor
+        # reordered them): the colours, which the user sees, say what each pixel is.
+        return self._decode_colours(np.asarray(image.convert("RGB")), path)
     return self._mask_lut[read_label(path)]
+
+  def _ids_agree(self, image) -> bool:
+    """Whether a palette-mode mask's colours at the indices it uses are classes.json's colours
+    of those class ids (so its indices are the class ids, as in Pascal VOC's masks)."""
+    used = np.unique(np.asarray(image))
+    colours = np.asarray(image.getpalette() or [], np.uint8).reshape(-1, 3)
+    if used.max(initial=0) >= len(colours):
+      return True  # no colour to compare with: the indices are all there is
+    k = len(self.classes.names)
+    ours = self.classes.palette
+    return all(i == self.ignore_index or (i < k and tuple(colours[i]) == tuple(ours[i]))
+               for i in used.tolist())
 
   def _decode_colours(self, rgb: np.ndarray, path: str) -> np.ndarray:
     if self._colour_ids is None:

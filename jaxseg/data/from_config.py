@@ -158,11 +158,19 @@ def make_data(config, workdir: str, local_batch: int) -> Data:
   ignore = train.ignore_index
   crop = _pair(config.data.crop_size, "crop_size") or spec.crop_size
   if crop is None and spec.crop_from_data:
-    crop = tuple(np.asarray(train[0]["label"]).shape)
+    sizes = getattr(train, "image_sizes", None)  # from the headers: nothing decoded
+    crop = tuple(sizes[0]) if sizes else tuple(np.asarray(train[0]["label"]).shape)
   scales = _pair(config.data.scale_range, "scale_range", float) or spec.scale_range
   if crop is not None and min(crop) < 1:
     raise JaxsegError(f"--config.data.crop_size={crop} must be positive")
   window, eval_operations = eval_settings(config, ignore)
+  val_sizes = sorted(set(getattr(val, "image_sizes", None) or ()))
+  if not eval_operations and len(val_sizes) > 1:
+    # Val images batch together (whole or by window) only when they share a size: say so
+    # before training.
+    raise JaxsegError(f"{val!r}: val images differ in size ({val_sizes[0]}, {val_sizes[-1]} "
+                      "HxW, ...); set --config.data.eval_size=H,W to a canvas that holds the "
+                      "largest (padding is ignored)")
   skip_log = os.path.join(workdir, "skipped_examples.jsonl")
   operations = [pipeline.DropBadExamples(skip_log)]
   if crop is not None:

@@ -72,21 +72,32 @@ def compute(source, *, desc: str | None = "train statistics") -> dict:
           "present_pixels": present_pixels.tolist()}
 
 
+def cache_key(source) -> str:
+  """What the statistics depend on: the data (the source's description: directory, split,
+  examples) and how its masks are read (class names, ignore value, a folder dataset's
+  classes.json settings), so that editing classes.json invalidates them."""
+  classes = getattr(source, "classes", None)
+  how = (list(source.class_names), int(source.ignore_index),
+         None if classes is None else [classes.binary, classes.ignore_color,
+                                       None if classes.palette is None
+                                       else classes.palette.tolist()])
+  return f"{source!r} {json.dumps(how)}"
+
+
 def cached(source, workdir: str | None) -> dict:
   """`compute(source)`, read from WORKDIR/data_statistics.json when that file was written for
-  the same source (its repr: dataset, directory, split, number of examples), else computed and
-  written (by way of a temporary file, process 0). A resumed run, `experiments.evaluate` and
+  the same source (`cache_key`), else computed and written (by way of a temporary file, process 0). A resumed run, `experiments.evaluate` and
   a rerun in the same workdir do not read the split again."""
   path = os.path.join(workdir, CACHE_FILE) if workdir else None
   if path and os.path.exists(path):
     try:
       with open(path, encoding="utf-8") as f:
         stats = json.load(f)
-      if stats.get("source") == repr(source):
+      if stats.get("key") == cache_key(source):
         return stats
     except (OSError, json.JSONDecodeError):
       pass  # a damaged cache is recomputed
-  stats = compute(source)
+  stats = {**compute(source), "key": cache_key(source)}
   if path and jax.process_index() == 0:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

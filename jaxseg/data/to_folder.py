@@ -27,7 +27,7 @@ import tqdm
 from PIL import Image
 
 from jaxseg import data as data_lib
-from jaxseg.data.files import BAD_KEY
+from jaxseg.data.files import BAD_KEY, probe_array
 from jaxseg.data.folder import CLASS_FILE
 from jaxseg.errors import JaxsegError
 
@@ -59,7 +59,10 @@ def _write_image(source, index: int, image: np.ndarray, base: str) -> str:
   """The image file of example `index` under `base` (no suffix); returns its path."""
   image_file = getattr(source, "image_file", None)
   original = image_file(index) if callable(image_file) else None
-  if original and os.path.splitext(original)[1].lower() in (".jpg", ".jpeg", ".png"):
+  # The file as it is when the folder reader would decode it to these very pixels' format (a
+  # grey JPEG that the dataset's reader turns into RGB is written as the RGB it gave).
+  if (original and os.path.splitext(original)[1].lower() in (".jpg", ".jpeg", ".png")
+      and probe_array(original)[:2] == (image.shape[-1], image.dtype)):
     target = base + os.path.splitext(original)[1].lower()
     _atomic(target, lambda tmp: shutil.copyfile(original, tmp))
     return target
@@ -91,6 +94,11 @@ def export(dataset: str, output_dir: str, *, data_dir: str | None = None,
   palette = np.asarray(first.palette, np.uint8)
   classes = {"names": list(first.class_names), "ignore_index": int(first.ignore_index)}
   if masks == "colour":
+    colours = [tuple(c) for c in palette.tolist()]
+    if len(set(colours)) != len(colours):
+      raise JaxsegError(f"--masks=colour: {dataset}'s palette gives two classes one colour "
+                        f"{next(c for c in colours if colours.count(c) > 1)}, so colour masks "
+                        "could not be read back; use --masks=ids")
     classes["palette"] = palette.tolist()
     classes["ignore_color"] = list(ignore_colour(palette))
   for split, source in sources.items():
@@ -102,12 +110,16 @@ def export(dataset: str, output_dir: str, *, data_dir: str | None = None,
     lut[:len(palette)] = palette
     if masks == "colour":
       lut[first.ignore_index] = classes["ignore_color"]
+    used = set()
     for index in tqdm.tqdm(range(len(source)), desc=f"{dataset} {split}", unit="image",
                            dynamic_ncols=True, mininterval=1.0):
       example = source[index]
       if BAD_KEY in example:
         continue
       name = os.path.splitext(os.path.basename(str(example.get("name") or index)))[0]
+      if name in used:  # two files of one name in different folders of the source
+        name = f"{name}_{index}"
+      used.add(name)
       _write_image(source, index, np.asarray(example["image"]), os.path.join(image_dir, name))
       label = np.asarray(example["label"], np.uint8)
       _save_png(lut[label] if masks == "colour" else label,

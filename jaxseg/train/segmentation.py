@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from jaxseg import metrics, visualize, weights
-from jaxseg.data import pipeline
+from jaxseg.data import channels, pipeline
 from jaxseg.data.from_config import make_data
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
@@ -134,8 +134,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 "opt_state": tree_signature(state.opt_state), "train_data": repr(train_source),
                 "global_batch_size": config.train.batch_size,
                 "preprocessing": preprocessing}
-    if data.image_shape[-1] != 3:  # (not written for RGB: the identity of earlier runs)
-      identity["in_channels"] = data.image_shape[-1]
+    in_channels, image_dtype = channels(train_source)
+    if (in_channels, image_dtype) != (3, np.uint8):  # (absent for 8-bit RGB: earlier runs')
+      identity.update(in_channels=in_channels, image_dtype=image_dtype.name)
     data_iter = pipeline.Prefetch(iter(data.loader), lambda b: sharding.put_batch(b, mesh),
                                  size=config.data.prefetch)
     state = run.resume(state, identity, data_iterator=data_iter,
