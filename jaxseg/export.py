@@ -1,0 +1,190 @@
+"""Trained models out of jaxseg: serialised StableHLO that runs with `jax` and `numpy` alone.
+
+    python -m experiments.export --workdir=runs/unet_unet_synthetic --out=exported/unet
+
+writes OUT/model.stablehlo (the bytes of `jax.export.Exported.serialize()`) and OUT/model.json
+(classes, palette, the input the function takes and the size rule). These names and the call
+convention are the public contract:
+
+    exported = jax.export.deserialize(bytearray(open("OUT/model.stablehlo", "rb").read()))
+    probabilities, labels = exported.call(images)   # (B, H, W, C) uint8 -> f32 (B,H,W,K), i32
+
+Normalisation is inside the function; batch, height and width are symbolic. Each image is
+padded (bottom and right, with zeros after normalisation, as mmsegmentation's data
+preprocessor does) to a multiple of the network's stride and the result cropped back: with
+symbolic sizes the skip connections and dilated convolutions need sizes the stride divides.
+On sizes the stride already divides the exported function equals `load_run(RUN).probabilities`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseg.errors import JaxsegError
+from jaxseg.inference import NO_TTA, TTA
+
+FORMATS = ("stablehlo",)
+STABLEHLO_FILE = "model.stablehlo"
+METADATA_FILE = "model.json"
+FORMAT_VERSION = 1
+STRIDE = 32  # every CNN here downsamples by at most 32
+
+
+def _members(model) -> tuple[list, list[float]]:
+  members = getattr(model, "members", None)
+  if members is None:
+    return [model], [1.0]
+  return list(members), list(model.weights)
+
+
+def min_size(run) -> int:
+  """The smallest height and width the exported function takes (1: any).
+
+  DeepLab's ASPP convolutions of rate r at output stride s see only zeros beyond the feature
+  map; with concrete sizes jaxseg leaves out the taps that fall off a small map, which a
+  symbolic size cannot decide, so sizes must keep every tap inside: s * max(r) + 1.
+  """
+  model = run.model
+  rates = getattr(model, "aspp_rates", None)
+  if not hasattr(model, "output_stride") or not hasattr(model, "aspp_features"):
+    return 1
+  from jaxseg.models.deeplab import ASPP_RATES  # pylint: disable=g-import-not-at-top
+  rates = rates or ASPP_RATES[model.output_stride]
+  return model.output_stride * max(rates) + 1
+
+
+def serving_function(model, tta: TTA = NO_TTA, stride: int = STRIDE):
+  """f(images (B, H, W, C) of the model's input dtype) -> (probabilities float32 (B, H, W, K),
+  labels int32 (B, H, W)) of a run or an ensemble (weighted mean of the members'
+  probabilities), its weights held as constants."""
+  members, weights = _members(model)
+  if getattr(members[0], "superpixels", None) is not None:
+    raise JaxsegError("the superpixel GNN cannot be exported: its SLIC superpixels and region "
+                      "graphs are computed in numpy, outside any traced function")
+  if tta.scales != (1.0,):
+    raise JaxsegError(f"--scales={','.join(map(str, tta.scales))}: an exported model takes any "
+                      "image size, and a rescaled view of a symbolic size has no exact size; "
+                      "export with --flip only")
+  parts = [(m.model, jax.device_get(m.variables), m.preprocess, w)
+           for m, w in zip(members, weights)]
+
+  def probabilities_of(module, variables, x):
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (0, stride * ((h + stride - 1) // stride) - h),
+                         (0, stride * ((w + stride - 1) // stride) - w), (0, 0)))
+    logits = module.apply(variables, padded, train=False)[:, :h, :w].astype(jnp.float32)
+    return jax.nn.softmax(logits, axis=-1)
+
+  def serve(images):
+    total = 0.0
+    for module, variables, preprocess, weight in parts:
+      x = preprocess(images)
+      p = probabilities_of(module, variables, x)
+      if tta.flip:
+        p = 0.5 * (p + probabilities_of(module, variables, x[:, :, ::-1])[:, :, ::-1])
+      total = total + weight * p
+    return total, jnp.argmax(total, axis=-1).astype(jnp.int32)
+
+  return serve
+
+
+def _write(path: str, data: bytes) -> None:
+  """`data` to `path` by way of a temporary file and a rename: never half a file."""
+  tmp = path + ".tmp"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise JaxsegError(f"--out: could not write {path} ({e.strerror or e})") from None
+
+
+def metadata(model, *, tta: TTA, formats: Sequence[str], smallest: int) -> dict[str, Any]:
+  from jaxseg import __version__  # pylint: disable=g-import-not-at-top
+  members, weights = _members(model)
+  first = members[0]
+  return {
+      "format_version": FORMAT_VERSION, "jaxseg_version": __version__,
+      "files": {"stablehlo": STABLEHLO_FILE} if "stablehlo" in formats else {},
+      "model": getattr(model, "name", ""),
+      "members": [{"workdir": m.workdir, "step": m.step, "weights_source": m.weights_source,
+                   "weight": w} for m, w in zip(members, weights)],
+      "class_names": list(first.classes.names), "palette": np.asarray(
+          first.classes.palette).tolist(), "ignore_index": int(first.classes.ignore_index),
+      "input": {"name": "images", "layout": "NHWC",
+                "channels": int(getattr(first, "in_channels", 3)),
+                "dtype": str(getattr(first, "image_dtype", "uint8")),
+                "size_rule": f"any height and width >= {smallest}; padded inside to a multiple "
+                             f"of {STRIDE} and cropped back",
+                "min_size": smallest, "pad_to_multiple_of": STRIDE},
+      "outputs": [{"name": "probabilities", "dtype": "float32", "shape": "B, H, W, K"},
+                  {"name": "labels", "dtype": "int32", "shape": "B, H, W"}],
+      "tta": tta.describe(),
+  }
+
+
+def export_stablehlo(model, tta: TTA = NO_TTA) -> tuple[bytes, int]:
+  """(serialised jax.export of `serving_function`, its smallest height and width)."""
+  members, _ = _members(model)
+  first = members[0]
+  smallest = max(min_size(m) for m in members)
+  channels, dtype = int(getattr(first, "in_channels", 3)), getattr(first, "image_dtype", "uint8")
+  constraints = [f"h >= {smallest}", f"w >= {smallest}"] if smallest > 1 else []
+  shape = jax.export.symbolic_shape(f"b, h, w, {channels}", constraints=constraints)
+  spec = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+  exported = jax.export.export(jax.jit(serving_function(model, tta)))(spec)
+  return bytes(exported.serialize()), smallest
+
+
+def export(model, out_dir: str, *, formats: Sequence[str] = FORMATS,
+           tta: TTA = NO_TTA) -> dict[str, Any]:
+  """Writes the exported files and model.json into `out_dir`; returns model.json's content."""
+  unknown = [f for f in formats if f not in FORMATS]
+  if unknown or not formats:
+    raise JaxsegError(f"--format={','.join(formats)}: valid formats are {', '.join(FORMATS)}")
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  if not os.path.isdir(parent):
+    raise JaxsegError(f"--out={out_dir}: its folder {parent} does not exist")
+  os.makedirs(out_dir, exist_ok=True)
+  if not os.access(out_dir, os.W_OK):
+    raise JaxsegError(f"--out={out_dir}: not writable")
+  blob, smallest = export_stablehlo(model, tta)
+  _write(os.path.join(out_dir, STABLEHLO_FILE), blob)
+  meta = metadata(model, tta=tta, formats=formats, smallest=smallest)
+  _write(os.path.join(out_dir, METADATA_FILE), json.dumps(meta, indent=1).encode())
+  return meta
+
+
+def load(out_dir: str):
+  """(the deserialised jax.export.Exported, model.json) of an export; one line when either
+  file is missing, truncated or not one."""
+  meta_path = os.path.join(out_dir, METADATA_FILE)
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise JaxsegError(f"{meta_path}: no such file (an export writes it beside "
+                      f"{STABLEHLO_FILE})") from None
+  except (OSError, ValueError) as e:
+    raise JaxsegError(f"{meta_path}: not readable JSON ({e})") from None
+  if meta.get("format_version") != FORMAT_VERSION:
+    raise JaxsegError(f"{meta_path}: export format {meta.get('format_version')!r}, this jaxseg "
+                      f"reads {FORMAT_VERSION}")
+  path = os.path.join(out_dir, STABLEHLO_FILE)
+  try:
+    with open(path, "rb") as f:
+      exported = jax.export.deserialize(bytearray(f.read()))
+  except FileNotFoundError:
+    raise JaxsegError(f"{path}: no such file") from None
+  except Exception as e:  # pylint: disable=broad-except  # flatbuffers' errors vary
+    raise JaxsegError(f"{path}: not a serialised jax.export module (corrupt or truncated: "
+                      f"{type(e).__name__})") from None
+  return exported, meta

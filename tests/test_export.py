@@ -1,0 +1,169 @@
+"""Exported models (jaxseg.export, experiments.export): StableHLO that runs with jax and numpy
+only, in a process where importing flax or jaxseg fails, and gives what load_run gives."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments.configs import unet as unet_config
+from jaxseg import evaluate, export, runs
+from jaxseg.errors import JaxsegError
+from jaxseg.inference import TTA
+from jaxseg.train import segmentation
+from tests import helpers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Run before the docs snippet: importing flax or jaxseg (or anything under them) fails.
+_BLOCK = '''
+import sys
+class _Blocked:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("flax", "jaxseg"):
+      raise ImportError(f"{name} may not be imported here")
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def _snippet(export_dir, images_path, out_path):
+  """docs/export.md's snippet, reading `export_dir` and the test's images, saving its outputs."""
+  text = (ROOT / "docs" / "export.md").read_text()
+  code = re.search(r"## Running it with jax and numpy only.*?```python\n(.*?)```", text,
+                   re.S).group(1)
+  code = code.replace("exported/deeplab", str(export_dir))
+  code = re.sub(r"images = .*\n", f"images = np.load({str(images_path)!r})\n", code)
+  return (_BLOCK + code + f"np.savez({str(out_path)!r}, probabilities=np.asarray(probabilities), "
+          "labels=np.asarray(labels))\n")
+
+
+def _run_outside(export_dir, images, tmp_path):
+  np.save(tmp_path / "images.npy", images)
+  out = tmp_path / "outputs.npz"
+  result = subprocess.run([sys.executable, "-c", _snippet(export_dir, tmp_path / "images.npy",
+                                                          out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(out) as outputs:
+    return outputs["probabilities"], outputs["labels"]
+
+
+@pytest.fixture(scope="module")
+def deeplab_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("deeplab"))
+  segmentation.train_and_evaluate(helpers.tiny_config(steps=2), workdir)
+  return workdir
+
+
+def test_the_docs_snippet_runs_without_jaxseg_and_equals_load_run(deeplab_run, tmp_path):
+  run = runs.load_run(deeplab_run)
+  meta = export.export(run, str(tmp_path / "export"))
+  assert meta["input"] == {**meta["input"], "channels": 3, "dtype": "uint8", "min_size": 289}
+  assert meta["class_names"] == list(run.classes.names)
+  images = np.random.default_rng(0).integers(0, 256, (2, 320, 352, 3), dtype=np.uint8)
+  probabilities, labels = _run_outside(tmp_path / "export", images, tmp_path)
+  assert probabilities.shape == (2, 320, 352, 5) and probabilities.dtype == np.float32
+  assert labels.shape == (2, 320, 352) and labels.dtype == np.int32
+  expected = np.asarray(run.probabilities(images))
+  np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+  np.testing.assert_array_equal(labels, expected.argmax(-1))
+
+
+def test_sizes_the_stride_does_not_divide_are_padded_and_cropped(deeplab_run, tmp_path):
+  run = runs.load_run(deeplab_run)
+  export.export(run, str(tmp_path / "export"))
+  exported, meta = export.load(str(tmp_path / "export"))
+  assert meta["input"]["pad_to_multiple_of"] == 32
+  images = np.random.default_rng(1).integers(0, 256, (1, 300, 333, 3), dtype=np.uint8)
+  probabilities, labels = map(np.asarray, exported.call(images))
+  assert probabilities.shape == (1, 300, 333, 5)
+  # The same padding in jaxseg: normalise, pad with zeros to 320x352, run, crop.
+  x = np.asarray(run.preprocess(images))
+  padded = np.pad(x, ((0, 0), (0, 20), (0, 19), (0, 0)))
+  logits = np.asarray(run.model.apply(run.variables, padded, train=False))[:, :300, :333]
+  expected = np.exp(logits - logits.max(-1, keepdims=True))
+  expected /= expected.sum(-1, keepdims=True)
+  np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+  np.testing.assert_array_equal(labels, expected.argmax(-1))
+  with pytest.raises(Exception, match="Error refining shapes"):  # DeepLab's size rule
+    exported.call(images[:, :200, :200])
+
+
+def test_a_flipped_ensemble_exports_as_one_function(deeplab_run, tmp_path):
+  run = runs.load_run(deeplab_run)
+  ensemble = evaluate.Ensemble([run, run], [2.0, 1.0])
+  meta = export.export(ensemble, str(tmp_path / "export"), tta=TTA(flip=True))
+  assert meta["tta"] == "scales 1 + flip" and len(meta["members"]) == 2
+  exported, _ = export.load(str(tmp_path / "export"))
+  images = np.random.default_rng(2).integers(0, 256, (1, 320, 320, 3), dtype=np.uint8)
+  got = np.asarray(exported.call(images)[0])
+  expected = np.asarray(ensemble.probabilities(images, tta=TTA(flip=True)))
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+  config = unet_config.get_config()
+  config.model.name, config.model.features, config.model.depth = "unet", 4, 2
+  config.model.dtype = "float32"
+  config.data.image_size = 32
+  config.train.steps, config.train.batch_size = 2, 8
+  config.train.num_eval_examples, config.train.num_prediction_images = 8, 0
+  workdir = str(tmp_path_factory.mktemp("unet"))
+  segmentation.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_the_command_line_exports_a_unet_that_takes_any_size(unet_run, tmp_path):
+  out = tmp_path / "unet"
+  result = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={unet_run}",
+                           f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "wrote model.stablehlo and model.json" in result.stdout
+  meta = json.loads((out / "model.json").read_text())
+  assert meta["input"]["min_size"] == 1 and meta["members"][0]["workdir"] == unet_run
+  assert sorted(os.listdir(out)) == ["model.json", "model.stablehlo"]  # no temporary left
+  run = runs.load_run(unet_run)
+  for shape in ((3, 64, 96, 3), (1, 32, 32, 3)):
+    images = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    probabilities, labels = _run_outside(out, images, tmp_path)
+    np.testing.assert_allclose(probabilities, np.asarray(run.probabilities(images)), atol=1e-5)
+
+
+def test_bad_exports_are_one_line(unet_run, tmp_path):
+  run = runs.load_run(unet_run)
+  with pytest.raises(JaxsegError, match=r"--format=onnnx: valid formats are stablehlo"):
+    export.export(run, str(tmp_path / "a"), formats=["onnnx"])
+  with pytest.raises(JaxsegError, match=r"--out=.*missing/deeper: its folder .*missing does not "
+                                        r"exist"):
+    export.export(run, str(tmp_path / "missing" / "deeper"))
+  with pytest.raises(JaxsegError, match=r"--scales=0.5,1.0: an exported model takes any image "
+                                        r"size"):
+    export.export(run, str(tmp_path / "b"), tta=TTA((0.5, 1.0)))
+  with pytest.raises(JaxsegError, match="no checkpoint"):
+    os.makedirs(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text(
+        (pathlib.Path(unet_run) / "config.json").read_text())
+    runs.load_run(str(tmp_path / "empty"))
+  graph_run = runs.GraphRun(config=None, model=None, params=None, superpixels=object(),
+                            num_classes=2, step=0, classes=None)
+  with pytest.raises(JaxsegError, match="the superpixel GNN cannot be exported"):
+    export.serving_function(graph_run)
+
+
+def test_a_truncated_export_is_one_line(unet_run, tmp_path):
+  export.export(runs.load_run(unet_run), str(tmp_path))
+  blob = (tmp_path / export.STABLEHLO_FILE).read_bytes()
+  (tmp_path / export.STABLEHLO_FILE).write_bytes(blob[:len(blob) // 2])
+  with pytest.raises(JaxsegError, match=r"model\.stablehlo: not a serialised jax\.export module"):
+    export.load(str(tmp_path))
+  (tmp_path / export.METADATA_FILE).write_text("{")
+  with pytest.raises(JaxsegError, match=r"model\.json: not readable JSON"):
+    export.load(str(tmp_path))
