@@ -15,9 +15,10 @@ runtime.use_fast_cpu_kernels()
 from jaxseg import backbones, data, losses, metrics, models, weights
 from jaxseg.errors import JaxsegError
 from jaxseg.models import create_model
+from jaxseg.portable import load_pretrained, save_pretrained
+from jaxseg.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = ["backbones", "data", "losses", "metrics", "models", "weights", "create_model",
-           "JaxsegError",
+           "JaxsegError", "load_pretrained", "save_pretrained",
            "__version__"]

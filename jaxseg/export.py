@@ -29,8 +29,10 @@ import numpy as np
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import NO_TTA, TTA
 
-FORMATS = ("stablehlo",)
+FORMATS = ("stablehlo", "safetensors")
+DEFAULT_FORMATS = ("stablehlo",)
 STABLEHLO_FILE = "model.stablehlo"
+SAFETENSORS_FILE = "model.safetensors"  # jaxseg.save_pretrained's file: weights + config
 METADATA_FILE = "model.json"
 FORMAT_VERSION = 1
 STRIDE = 32  # every CNN here downsamples by at most 32
@@ -108,12 +110,13 @@ def _write(path: str, data: bytes) -> None:
 
 
 def metadata(model, *, tta: TTA, formats: Sequence[str], smallest: int) -> dict[str, Any]:
-  from jaxseg import __version__  # pylint: disable=g-import-not-at-top
+  from jaxseg.version import __version__  # pylint: disable=g-import-not-at-top
   members, weights = _members(model)
   first = members[0]
   return {
       "format_version": FORMAT_VERSION, "jaxseg_version": __version__,
-      "files": {"stablehlo": STABLEHLO_FILE} if "stablehlo" in formats else {},
+      "files": {f: {"stablehlo": STABLEHLO_FILE, "safetensors": SAFETENSORS_FILE}[f]
+                for f in formats},
       "model": getattr(model, "name", ""),
       "members": [{"workdir": m.workdir, "step": m.step, "weights_source": m.weights_source,
                    "weight": w} for m, w in zip(members, weights)],
@@ -144,7 +147,7 @@ def export_stablehlo(model, tta: TTA = NO_TTA) -> tuple[bytes, int]:
   return bytes(exported.serialize()), smallest
 
 
-def export(model, out_dir: str, *, formats: Sequence[str] = FORMATS,
+def export(model, out_dir: str, *, formats: Sequence[str] = DEFAULT_FORMATS,
            tta: TTA = NO_TTA) -> dict[str, Any]:
   """Writes the exported files and model.json into `out_dir`; returns model.json's content."""
   unknown = [f for f in formats if f not in FORMATS]
@@ -156,8 +159,16 @@ def export(model, out_dir: str, *, formats: Sequence[str] = FORMATS,
   os.makedirs(out_dir, exist_ok=True)
   if not os.access(out_dir, os.W_OK):
     raise JaxsegError(f"--out={out_dir}: not writable")
-  blob, smallest = export_stablehlo(model, tta)
-  _write(os.path.join(out_dir, STABLEHLO_FILE), blob)
+  if "safetensors" in formats and tta.num_views > 1:
+    raise JaxsegError("--format=safetensors holds the network's weights, not a test mode: "
+                      "drop --flip/--tta")
+  smallest = max(min_size(m) for m in _members(model)[0])
+  if "stablehlo" in formats:
+    blob, smallest = export_stablehlo(model, tta)
+    _write(os.path.join(out_dir, STABLEHLO_FILE), blob)
+  if "safetensors" in formats:
+    from jaxseg import portable  # pylint: disable=g-import-not-at-top
+    portable.save_pretrained(model, os.path.join(out_dir, SAFETENSORS_FILE))
   meta = metadata(model, tta=tta, formats=formats, smallest=smallest)
   _write(os.path.join(out_dir, METADATA_FILE), json.dumps(meta, indent=1).encode())
   return meta

@@ -53,6 +53,7 @@ class Run:
   weights_source: str = "raw"  # "ema": the run's weight average (load_run's `weights`)
   in_channels: int = 3  # of the images it takes (folder datasets: any)
   image_dtype: str = "uint8"  # ... and their dtype (folder datasets: uint16, float32 too)
+  preprocessing: Any = "imagenet"  # what `preprocess` does: "imagenet", or {channels, mean, std}
 
   def __post_init__(self):
     model, preprocess, k = self.model, self.preprocess, self.num_classes
@@ -234,11 +235,16 @@ def load_run(workdir: str, flag: str = "workdir", *, checkpoint: str | int = "be
 
   state, step, identity = _restore(workdir, flag, build_state, config, checkpoint)
   spec = identity.get("preprocessing", "imagenet")
-  preprocess = make_normalize() if spec == "imagenet" else weights_lib.make_preprocess(spec)
   variables, which = _variables(state, weights)
-  return Run(config, model["cnn"], variables, preprocess, identity["num_classes"], step,
-             _load_classes(workdir, config), os.path.abspath(workdir), which,
-             identity.get("in_channels", 3), identity.get("image_dtype", "uint8"))
+  return Run(config, model["cnn"], variables, make_preprocess(spec), identity["num_classes"],
+             step, _load_classes(workdir, config), os.path.abspath(workdir), which,
+             identity.get("in_channels", 3), identity.get("image_dtype", "uint8"), spec)
+
+
+def make_preprocess(spec) -> Callable:
+  """The input function of a preprocessing spec a run saved: "imagenet" or {channels, mean,
+  std} (a pretrained backbone's, or the data's own statistics)."""
+  return make_normalize() if spec == "imagenet" else weights_lib.make_preprocess(spec)
 
 
 def _load_graph_run(workdir: str, flag: str, config, checkpoint, weights) -> GraphRun:

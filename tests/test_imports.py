@@ -14,14 +14,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # mean/std from jaxseg.data.preprocess, so it sits above data; image_quality (FID features)
 # loads converted weights.
 LAYERS = (
-    ("base", ("jaxseg.errors", "jaxseg.runtime", "jaxseg.ops", "jaxseg.layers", "jaxseg.norm")),
+    ("base", ("jaxseg.errors", "jaxseg.version", "jaxseg.runtime", "jaxseg.ops", "jaxseg.layers", "jaxseg.norm")),
     ("models", ("jaxseg.backbones", "jaxseg.models", "jaxseg.losses", "jaxseg.metrics",
                 "jaxseg.visualize")),
     ("data", ("jaxseg.data",)),
     ("weights", ("jaxseg.weights", "jaxseg.image_quality")),
     ("inference", ("jaxseg.inference",)),
     ("train", ("jaxseg.train",)),
-    ("runs", ("jaxseg.runs", "jaxseg.evaluate", "jaxseg.export")),
+    ("runs", ("jaxseg.runs", "jaxseg.evaluate", "jaxseg.export", "jaxseg.portable")),
     ("studies", ("jaxseg.studies",)),
 )
 # Re-exporting package modules: they may import any layer (nothing in the library imports them).

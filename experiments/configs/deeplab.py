@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A converted ImageNet backbone (python -m jaxseg.weights.convert ... OUTPUT_DIR); its
   # preprocessing replaces the default ImageNet mean/std.
   config.model.pretrained = ""
+  # A model file (jaxseg.save_pretrained, or experiments.export --format=safetensors) to start
+  # from: every weight of the same architecture, the head re-initialised when the class
+  # count differs.
+  config.model.init_from = ""
   config.model.output_stride = 16
   config.model.multi_grid = common.placeholder(tuple)  # e.g. (1, 2, 4)
   config.model.aspp_features = 256

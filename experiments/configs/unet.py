@@ -39,4 +39,8 @@ def get_config(*, data: bool = True) -> ml_collections.ConfigDict:
   config.model.backbone = common.placeholder(str)  # "resnet50" for --variant=resnet50
   config.model.decoder_features = common.placeholder(tuple)  # (256, 128, 64, 32, 16)
   config.model.pretrained = ""
+  # A model file (jaxseg.save_pretrained, or experiments.export --format=safetensors) to start
+  # from: every weight of the same architecture, the head re-initialised when the class
+  # count differs.
+  config.model.init_from = ""
   return config

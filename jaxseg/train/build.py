@@ -268,7 +268,7 @@ def model_label(config) -> str:
 
 # --- models ------------------------------------------------------------------------------------
 
-_SEGMENTATION_OWN_KEYS = ("name", "backbone", "dtype", "pretrained")
+_SEGMENTATION_OWN_KEYS = ("name", "backbone", "dtype", "pretrained", "init_from")
 _GNN_KEYS = ("layer", "hidden", "num_layers", "dropout_rate")
 
 

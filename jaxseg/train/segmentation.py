@@ -20,7 +20,7 @@ from jaxseg.data import channels, pipeline
 from jaxseg.data.from_config import make_data
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
-from jaxseg.train import build, loop, sharding
+from jaxseg.train import build, loop, model_file, sharding
 from jaxseg.train.checkpoint import param_shapes, tree_signature
 from jaxseg.train.evaluation import EVAL_KEYS, confusion_over
 from jaxseg.train.steps import make_eval_step, make_train_step
@@ -115,6 +115,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                             num_eval, jax.process_index(), jax.process_count(),
                             desc="checking val")
 
+    if config.model.get("init_from"):
+      if config.model.pretrained:
+        raise JaxsegError("--config.model.init_from and --config.model.pretrained both set: a "
+                          "model file holds the whole network, backbone included; set one")
+      model_file.read_metadata(config.model.init_from)  # a bad file stops the run now
     pretrained, pretrained_meta = build.load_pretrained_backbone(config)
     weights_per_class = build.class_weights(config, num_classes, data.statistics)
     if weights_per_class is not None:
@@ -142,6 +147,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state = run.resume(state, identity, data_iterator=data_iter,
                        sampler=data.loader.global_sampler)
     save_classes(run.workdir, train_source, config.data.name)
+    if not run.start and config.model.get("init_from"):
+      state, _ = model_file.initial_state(state, config.model.init_from)
+      state = jax.device_put(state, state_sharding)
     if not run.start and pretrained is not None:
       state = build.insert_pretrained(state, pretrained, state_sharding)
       logging.info("Backbone from %s: %s %s weights (%s preprocessing)",
@@ -183,6 +191,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         "eval_window": list(data.eval_window) if data.eval_window else None,  # None: whole
         "num_params": num_params, "dtype": jnp.dtype(dtype).name,
         "in_channels": data.image_shape[-1], "class_weights": weights_per_class,
+        "init_from": config.model.get("init_from") or None,
         # Bad examples left out (data.skip_bad_examples): found while listing the dataset,
         # and met while reading it (listed in skipped_examples.jsonl).
         "skipped_examples": (len(getattr(train_source, "skipped", ())) +
