@@ -64,6 +64,21 @@ def tiny_config(steps: int = 4, **overrides):
   return config
 
 
+def tiny_unet_config(steps: int = 2, **model):
+  """The U-Net experiment's config shrunk to seconds on CPU: 4 features, depth 2, 32x32
+  synthetic images; `model` overrides config.model keys."""
+  from experiments.configs import unet as unet_config  # pylint: disable=g-import-not-at-top
+  config = unet_config.get_config()
+  config.model.name, config.model.features, config.model.depth = "unet", 4, 2
+  config.model.dtype = "float32"
+  config.data.image_size = 32
+  config.train.steps, config.train.batch_size = steps, 8
+  config.train.num_eval_examples, config.train.num_prediction_images = 8, 0
+  for key, value in model.items():
+    config.model[key] = value
+  return config
+
+
 def sigterm_at_step(monkeypatch, step: int) -> None:
   """Sends this process SIGTERM, as a scheduler would, when a training loop reaches `step`
   (just before it asks whether to stop there)."""

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 
-from experiments.configs import unet as unet_config
 from jaxseg import evaluate, export, runs
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import TTA
@@ -109,14 +108,8 @@ def test_a_flipped_ensemble_exports_as_one_function(deeplab_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def unet_run(tmp_path_factory):
-  config = unet_config.get_config()
-  config.model.name, config.model.features, config.model.depth = "unet", 4, 2
-  config.model.dtype = "float32"
-  config.data.image_size = 32
-  config.train.steps, config.train.batch_size = 2, 8
-  config.train.num_eval_examples, config.train.num_prediction_images = 8, 0
   workdir = str(tmp_path_factory.mktemp("unet"))
-  segmentation.train_and_evaluate(config, workdir)
+  segmentation.train_and_evaluate(helpers.tiny_unet_config(), workdir)
   return workdir
 
 

@@ -11,22 +11,15 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 import jaxseg
-from experiments.configs import unet as unet_config
 from jaxseg import export, runs
 from jaxseg.errors import JaxsegError
 from jaxseg.train import model_file, segmentation
+from tests import helpers
 
 
 def _config(steps=2, **model):
-  config = unet_config.get_config()
-  config.model.name, config.model.features, config.model.depth = "unet", 4, 2
-  config.model.dtype = "float32"
-  config.data.image_size = 32
-  config.train.steps, config.train.batch_size = steps, 8
-  config.train.num_eval_examples, config.train.num_prediction_images = 8, 0
+  config = helpers.tiny_unet_config(steps, **model)
   config.train.ema_decay = 0.9  # the file holds the weights the run is used with: the average
-  for key, value in model.items():
-    config.model[key] = value
   return config
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.configs import unet as unet_config
 from jaxseg import evaluate, runs
 from jaxseg.data import SyntheticShapes
 from jaxseg.errors import JaxsegError
 from jaxseg.train import segmentation
+from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KINDS = ("labels", "mask", "overlay")
@@ -26,15 +26,8 @@ KINDS = ("labels", "mask", "overlay")
 
 @pytest.fixture(scope="module")
 def unet_run(tmp_path_factory):
-  # tests/test_export.py's tiny U-Net: trained on 32x32 synthetic images.
-  config = unet_config.get_config()
-  config.model.name, config.model.features, config.model.depth = "unet", 4, 2
-  config.model.dtype = "float32"
-  config.data.image_size = 32
-  config.train.steps, config.train.batch_size = 2, 8
-  config.train.num_eval_examples, config.train.num_prediction_images = 8, 0
   workdir = str(tmp_path_factory.mktemp("unet"))
-  segmentation.train_and_evaluate(config, workdir)
+  segmentation.train_and_evaluate(helpers.tiny_unet_config(), workdir)
   return workdir
 
 
