@@ -19,12 +19,12 @@ that way; over twice the training size, by windows of that size (--window overri
 from absl import flags
 
 from experiments import launch
-from jaxseg import evaluate
+from jaxseg import evaluate, predict
 
 _MODEL = launch.ModelFlags()
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write (default: beside each image).")
 _INPUT_DIR = flags.DEFINE_string(
-    "input_dir", None, "Also predict every image (" + " ".join(evaluate.IMAGE_SUFFIXES) +
+    "input_dir", None, "Also predict every image (" + " ".join(predict.IMAGE_SUFFIXES) +
     ") under this folder, recursively; --out_dir keeps its subfolders.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files that "
                                "predict did not write.")
@@ -36,12 +36,12 @@ _ALPHA = flags.DEFINE_float("alpha", 0.5, "Opacity of the mask in the overlay.")
 def main(images):
   # Checked before a run is restored (which can take a while): a typo in a path, or a file
   # in the way, is reported at once.
-  evaluate.plan_predictions(images, out_dir=_OUT_DIR.value, input_dir=_INPUT_DIR.value,
+  predict.plan_predictions(images, out_dir=_OUT_DIR.value, input_dir=_INPUT_DIR.value,
                             overwrite=_OVERWRITE.value)
   tta, window = _MODEL.tta(), _MODEL.window()
   model = evaluate.load_model(_MODEL.workdirs, _MODEL.weights(), _MODEL.loading())
   # A failure raises PredictionsFailed (launch.run prints its one-line summary, exit 1).
-  result = evaluate.export_predictions(model, images, out_dir=_OUT_DIR.value, tta=tta,
+  result = predict.export_predictions(model, images, out_dir=_OUT_DIR.value, tta=tta,
                                        window=window,
                                        alpha=_ALPHA.value, input_dir=_INPUT_DIR.value,
                                        overwrite=_OVERWRITE.value, batch_size=_BATCH_SIZE.value)

@@ -21,7 +21,8 @@ LAYERS = (
     ("weights", ("jaxseg.weights", "jaxseg.image_quality")),
     ("inference", ("jaxseg.inference",)),
     ("train", ("jaxseg.train",)),
-    ("runs", ("jaxseg.runs", "jaxseg.evaluate", "jaxseg.export", "jaxseg.portable")),
+    ("runs", ("jaxseg.runs", "jaxseg.evaluate", "jaxseg.export", "jaxseg.portable",
+              "jaxseg.predict")),
     ("studies", ("jaxseg.studies",)),
 )
 # Re-exporting package modules: they may import any layer (nothing in the library imports them).

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxseg import evaluate
+from jaxseg import evaluate, predict
 from jaxseg.errors import JaxsegError
 from jaxseg.train import build, distributed, segmentation
 from jaxseg.train.logging import MetricWriter
@@ -78,7 +78,7 @@ def test_evaluate_and_predict_into_a_locked_run_are_refused(tmp_path):
     with pytest.raises(JaxsegError, match="in use by another jaxseg"):
       evaluate.run_evaluation([str(tmp_path / "run")])
     with pytest.raises(JaxsegError, match="in use by another jaxseg"):
-      evaluate.export_predictions(None, [str(image)], out_dir=str(tmp_path / "run"))
+      predict.export_predictions(None, [str(image)], out_dir=str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("kind", ["file", "under_a_file"])

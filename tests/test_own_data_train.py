@@ -12,7 +12,7 @@ from PIL import Image
 
 from experiments.configs import superpixel_gnn as gnn_config
 from experiments.configs import unet as unet_config
-from jaxseg import evaluate, runs
+from jaxseg import evaluate, predict, runs
 from jaxseg.data import from_config, stats, to_folder
 from jaxseg.errors import JaxsegError
 from jaxseg.train import graph, segmentation
@@ -94,14 +94,14 @@ def test_predict_writes_masks_of_a_tiff(four_band, tmp_path):
   root, workdir, _, _ = four_band
   model = evaluate.load_model([workdir], None)
   tile = os.path.join(root, "images", "train", "tile00.tif")
-  written = evaluate.export_predictions(model, [tile], out_dir=str(tmp_path))
+  written = predict.export_predictions(model, [tile], out_dir=str(tmp_path))
   labels = np.asarray(Image.open([w for w in written if w.endswith("_labels.png")][0]))
   assert labels.shape == (H, W) and labels.max() < 3
   grey = str(tmp_path / "grey.png")
   Image.fromarray(np.zeros((H, W), np.uint8)).save(grey)
   with pytest.raises(JaxsegError, match=r"grey\.png: image has 1 channel\(s\) of uint8 but "
                                         r"the model takes 4 of uint16"):
-    evaluate.export_predictions(model, [grey], out_dir=str(tmp_path))
+    predict.export_predictions(model, [grey], out_dir=str(tmp_path))
   # Three bands but 8-bit: not what the model was trained on (it would be normalised by the
   # 16-bit statistics), so not silently converted either.
   eight = str(tmp_path / "eight.tif")
@@ -109,7 +109,7 @@ def test_predict_writes_masks_of_a_tiff(four_band, tmp_path):
                    planarconfig="contig")
   with pytest.raises(JaxsegError, match=r"eight\.tif: image has 4 channel\(s\) of uint8 but "
                                         r"the model takes 4 of uint16"):
-    evaluate.export_predictions(model, [eight], out_dir=str(tmp_path))
+    predict.export_predictions(model, [eight], out_dir=str(tmp_path))
 
 
 def test_a_resumed_run_on_folder_data_is_exact(four_band, tmp_path):

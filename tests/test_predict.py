@@ -1,4 +1,4 @@
-"""jaxseg.evaluate.export_predictions and `python -m experiments.predict` on many files: names
+"""jaxseg.predict.export_predictions and `python -m experiments.predict` on many files: names
 that clash are told apart, a user's file is never replaced unasked, a rerun skips what is done,
 a bad image is named while the rest are done, folders are walked, and an image far larger than
 the training crops goes by sliding window."""
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxseg import evaluate, runs
+from jaxseg import predict, runs
 from jaxseg.data import SyntheticShapes
 from jaxseg.errors import JaxsegError
 from jaxseg.train import segmentation
@@ -61,7 +61,7 @@ def _labels(model, image, window=None):
 def test_names_that_clash_are_told_apart_and_the_count_is_the_files_on_disk(model, tmp_path):
   pixels = {name: _image(tmp_path / name, seed=i)
             for i, name in enumerate(["a/y.jpg", "a/y.png", "a/z.png"])}
-  result = evaluate.export_predictions(model, [str(tmp_path / n) for n in pixels])
+  result = predict.export_predictions(model, [str(tmp_path / n) for n in pixels])
   # y.jpg and y.png keep their extension; z has no twin and keeps today's name.
   expected = {f"{tmp_path}/a/{base}_{kind}.png" for base in ("y.jpg", "y.png", "z")
               for kind in KINDS}
@@ -70,14 +70,14 @@ def test_names_that_clash_are_told_apart_and_the_count_is_the_files_on_disk(mode
   for name in ("y.jpg", "y.png"):
     labels = np.asarray(Image.open(tmp_path / "a" / f"{name}_labels.png"))
     np.testing.assert_array_equal(labels, _labels(model, pixels[f"a/{name}"]))
-  manifest = json.loads((tmp_path / "a" / evaluate.PREDICT_MANIFEST).read_text())
+  manifest = json.loads((tmp_path / "a" / predict.PREDICT_MANIFEST).read_text())
   assert sorted(manifest["outputs"]) == sorted(os.path.basename(p) for p in expected)
   assert manifest["outputs"]["y.png_mask.png"]["image"] == "y.png"
 
   # The same name in two folders, into one --out_dir: their folders are kept.
   _image(tmp_path / "b" / "x.jpg", seed=3)
   _image(tmp_path / "c" / "d" / "x.jpg", seed=4)
-  plan = evaluate.plan_predictions([str(tmp_path / "b/x.jpg"), str(tmp_path / "c/d/x.jpg"),
+  plan = predict.plan_predictions([str(tmp_path / "b/x.jpg"), str(tmp_path / "c/d/x.jpg"),
                                     str(tmp_path / "a/z.png")], out_dir=str(tmp_path / "out"))
   assert [base for _, base in plan] == [f"{tmp_path}/out/b/x", f"{tmp_path}/out/c/d/x",
                                         f"{tmp_path}/out/z"]
@@ -91,14 +91,14 @@ def test_a_file_predict_did_not_write_is_refused_unless_overwrite(model, tmp_pat
   (out / "x_mask.png").write_bytes(b"the user's own file")
   with pytest.raises(JaxsegError, match=rf"^{out}/x_mask\.png exists and predict did not write "
                                         r"it; pass --overwrite to replace it"):
-    evaluate.export_predictions(model, [str(tmp_path / "w.png"), str(tmp_path / "x.png")],
+    predict.export_predictions(model, [str(tmp_path / "w.png"), str(tmp_path / "x.png")],
                                 out_dir=str(out))
   assert sorted(os.listdir(out)) == ["x_mask.png"]  # refused before anything was written
-  result = evaluate.export_predictions(model, [str(tmp_path / "x.png")], out_dir=str(out),
+  result = predict.export_predictions(model, [str(tmp_path / "x.png")], out_dir=str(out),
                                        overwrite=True)
   assert len(result) == 3 and Image.open(out / "x_mask.png").size == (32, 32)
   # Now predict's own: a rerun with other settings replaces it without being asked.
-  assert len(evaluate.export_predictions(model, [str(tmp_path / "x.png")], out_dir=str(out),
+  assert len(predict.export_predictions(model, [str(tmp_path / "x.png")], out_dir=str(out),
                                          alpha=0.2)) == 3
 
 
@@ -106,23 +106,23 @@ def test_a_rerun_skips_what_is_up_to_date_and_redoes_the_rest(model, tmp_path):
   paths = [str(tmp_path / f"{n}.png") for n in "abc"]
   for i, path in enumerate(paths):
     _image(path, seed=i)
-  first = evaluate.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
+  first = predict.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
   assert len(first) == 9 and not first.skipped
-  again = evaluate.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
+  again = predict.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
   assert (list(again), again.skipped) == ([], paths)
   assert again.summary() == ("wrote 0 files for 0 of 3 image(s), skipped 3 whose outputs were "
                              "up to date")
   os.remove(tmp_path / "out" / "b_overlay.png")
   made = os.stat(paths[2]).st_mtime_ns  # c.png changed after its mask was made:
   os.utime(tmp_path / "out" / "c_mask.png", ns=(made - 10**10,) * 2)
-  resumed = evaluate.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
+  resumed = predict.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
   assert resumed.skipped == [paths[0]]
   assert sorted(resumed) == sorted(f"{tmp_path}/out/{n}_{k}.png" for n in "bc" for k in KINDS)
   assert len(_outputs(tmp_path / "out")) == 9
   # Outputs beside the images are not taken for images by a glob on the next run.
-  beside = evaluate.export_predictions(model, [str(tmp_path / "a.png")])
+  beside = predict.export_predictions(model, [str(tmp_path / "a.png")])
   assert len(beside) == 3
-  assert evaluate.plan_predictions([str(tmp_path / "*.png")]) == [
+  assert predict.plan_predictions([str(tmp_path / "*.png")]) == [
       (p, p[:-len(".png")]) for p in paths]
 
 
@@ -132,10 +132,10 @@ def test_a_bad_image_in_the_middle_is_named_and_the_rest_are_done(model, tmp_pat
   pathlib.Path(paths[1]).write_bytes(b"not an image")
   _image(paths[2], seed=2)
   with caplog.at_level(logging.WARNING):
-    with pytest.raises(evaluate.PredictionsFailed,
+    with pytest.raises(predict.PredictionsFailed,
                        match=rf"^wrote 6 files for 2 of 3 image\(s\); 1 failed: {paths[1]}: "
                              r"not a readable image") as failed:
-      evaluate.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
+      predict.export_predictions(model, paths, out_dir=str(tmp_path / "out"))
   assert "\n" not in str(failed.value)
   assert sorted(failed.value.predictions.written) == _outputs(tmp_path / "out")
   assert len(_outputs(tmp_path / "out")) == 6
@@ -153,7 +153,7 @@ def test_input_dir_is_walked_and_mirrored_and_sizes_are_batched(model, tmp_path,
   batches, probabilities = [], model.probabilities
   monkeypatch.setattr(model, "probabilities", lambda images, **kw: (
       batches.append(images.shape[:3]), probabilities(images, **kw))[1])
-  result = evaluate.export_predictions(model, input_dir=str(tmp_path / "in"),
+  result = predict.export_predictions(model, input_dir=str(tmp_path / "in"),
                                        out_dir=str(tmp_path / "out"), batch_size=2)
   monkeypatch.undo()
   assert result.images == [str(tmp_path / "in" / n) for n in sorted(sizes)]
@@ -166,16 +166,16 @@ def test_input_dir_is_walked_and_mirrored_and_sizes_are_batched(model, tmp_path,
     # Batched with others of its size, as alone.
     np.testing.assert_array_equal(labels, _labels(model, image))
   with pytest.raises(JaxsegError, match=r"^--input_dir=\S+/nowhere is not a folder$"):
-    evaluate.export_predictions(model, input_dir=str(tmp_path / "nowhere"))
+    predict.export_predictions(model, input_dir=str(tmp_path / "nowhere"))
   with pytest.raises(JaxsegError, match=r"^\S+/in is a folder: pass --input_dir="):
-    evaluate.export_predictions(model, [str(tmp_path / "in")])
+    predict.export_predictions(model, [str(tmp_path / "in")])
 
 
 def test_an_image_far_larger_than_the_training_crops_goes_by_sliding_window(model, tmp_path,
                                                                             caplog):
   big = [_image(tmp_path / f"big{i}.png", (100, 100), seed=i) for i in range(2)]
   with caplog.at_level(logging.INFO):
-    evaluate.export_predictions(model, [str(tmp_path / f"big{i}.png") for i in range(2)])
+    predict.export_predictions(model, [str(tmp_path / f"big{i}.png") for i in range(2)])
   told = [r.getMessage() for r in caplog.records if "sliding window" in r.getMessage()]
   assert told == [f"predict: {tmp_path}/big0.png is 100x100, over twice the 32x32 images the "
                   "run trained on: images that large go by 32x32 sliding window (--window=0: "
