@@ -111,8 +111,9 @@ class ModelFlags:
     self._flip = flags.DEFINE_bool("flip", None, "Add mirrored views (default: with --tta).",
                                    **main)
     self._window = flags.DEFINE_string("window", None, "Sliding window HxW, or 0 for whole "
-                                       "images (default: the dataset's evaluation setting).",
-                                       **main)
+                                       "images (default: the dataset's evaluation setting; "
+                                       "predict also windows images over twice the training "
+                                       "size).", **main)
     self._checkpoint = flags.DEFINE_string(
         "checkpoint", "best", "Which checkpoint of each run: best (the one train.keep_best "
         "kept, else the newest), latest, or a step number.", **main)
