@@ -287,16 +287,7 @@ class FolderDataset(FileSource):
     self.image_sizes = [info.size for info in infos]  # (h, w) of each example, from headers
     self.val_fraction, self.seed, self.derived_val = val_fraction, seed, derived
     self._mask_lut = self._lut()
-    self._colour_ids = None
-    if self.classes.palette is not None:
-      keys = _colour_keys(self.classes.palette)
-      self._colour_ids = dict(zip(keys.tolist(), range(len(keys))))
-      if self.classes.ignore_color is not None:
-        self._colour_ids[int(_colour_keys(np.array([self.classes.ignore_color]))[0])] = (
-            self.ignore_index)
-      order = sorted(self._colour_ids)
-      self._colour_table = (np.array(order, np.int64),
-                            np.array([self._colour_ids[k] for k in order], np.uint8))
+    self._colour_table = _colour_table(self.classes)
     super().__init__(pairs, skip_bad_examples=skip_bad_examples, skipped=skipped,
                      description=description + f", examples={len(pairs)})")
 
@@ -333,7 +324,7 @@ class FolderDataset(FileSource):
       image = _load(image, path, "mask")
       if image.mode in ("RGB", "RGBA"):
         return self._decode_colours(np.asarray(image.convert("RGB")), path)
-      if image.mode == "P" and self._colour_ids is not None and not self._ids_agree(image):
+      if image.mode == "P" and self._colour_table is not None and not self._ids_agree(image):
         # A palette PNG whose colours are not classes.json's at its indices (an image editor
         # reordered them): the colours, which the user sees, say what each pixel is.
         return self._decode_colours(np.asarray(image.convert("RGB")), path)
@@ -352,7 +343,7 @@ class FolderDataset(FileSource):
                for i in used.tolist())
 
   def _decode_colours(self, rgb: np.ndarray, path: str) -> np.ndarray:
-    if self._colour_ids is None:
+    if self._colour_table is None:
       raise BadExample(f"{path}: mask is colour-coded (RGB) but {CLASS_FILE} has no "
                        '"palette"; add one colour per class, or save masks as class ids')
     # A binary search among the few palette colours per pixel: no sort of the pixels.
@@ -369,6 +360,19 @@ class FolderDataset(FileSource):
                        + ("" if self.classes.ignore_color else
                           ' (set "ignore_color" if it marks pixels to ignore)'))
     return ids[where]
+
+
+def _colour_table(classes: ClassFile) -> tuple[np.ndarray, np.ndarray] | None:
+  """(sorted colour keys, the class id of each) of the palette and the ignore colour, or None
+  without a palette: what colour masks are decoded by (a binary search per pixel)."""
+  if classes.palette is None:
+    return None
+  colours = [*np.asarray(classes.palette).tolist(), *([classes.ignore_color]
+                                                      if classes.ignore_color else [])]
+  ids = [*range(len(classes.palette)), *([classes.ignore_index] if classes.ignore_color else [])]
+  keys = _colour_keys(np.array(colours))
+  order = np.argsort(keys)
+  return keys[order], np.asarray(ids, np.uint8)[order]
 
 
 def _colour_keys(rgb: np.ndarray) -> np.ndarray:
