@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxseg import norm
 
@@ -33,6 +34,20 @@ def batch_norm(train: bool, dtype: Dtype, momentum: float = 0.9, epsilon: float 
   return functools.partial(
       norm.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
       dtype=dtype, **kw)
+
+
+def max_pool(x_bhwc: jax.Array, window: int, strides: int,
+             padding: str | Sequence[tuple[int, int]] = "VALID") -> jax.Array:
+  """`nn.max_pool` with explicit pads written as a -inf `jnp.pad` and a VALID window.
+
+  The same numbers (flax pads max-pools with -inf too), in the one form ONNX converters map to
+  MaxPool: jax2onnx's max-pool binding takes `window_shape` by keyword and drops explicit pad
+  pairs (a ResNet stem's 56x56 came out 55x55). `jaxseg.export` relies on this."""
+  if not isinstance(padding, str):
+    x_bhwc = jnp.pad(x_bhwc, ((0, 0), *map(tuple, padding), (0, 0)), constant_values=-jnp.inf)
+    padding = "VALID"
+  return nn.max_pool(x_bhwc, window_shape=(window, window), strides=(strides, strides),
+                     padding=padding)
 
 
 def _image_taps(k: int, size: int, strides: int, dilation: int, padding: int):
@@ -282,7 +297,28 @@ def resize_bilinear(x_bhwc: jax.Array, size: Sequence[int]) -> jax.Array:
     return x_bhwc
   if size[0] % h == 0 and size[1] % w == 0:
     return upsample_bilinear(x_bhwc, (size[0] // h, size[1] // w))
-  return jax.image.resize(x_bhwc, (b, *size, c), method="bilinear", antialias=False)
+  if not all(isinstance(d, int) for d in (h, w, *size)):  # symbolic (jax.export)
+    return jax.image.resize(x_bhwc, (b, *size, c), method="bilinear", antialias=False)
+  # jax.image.resize's interpolation as two matrix products with float64-built weights: the
+  # same values, and an ONNX converter traces it into plain ops (jax2onnx binds
+  # jax.image.resize itself, for a fixed batch size only).
+  x = jnp.einsum("Hh,bhwc->bHwc", _bilinear_matrix(h, size[0]).astype(x_bhwc.dtype), x_bhwc,
+                 precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("Ww,bhwc->bhWc", _bilinear_matrix(w, size[1]).astype(x.dtype), x,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def _bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) weights of half-pixel bilinear interpolation, positions clamped to the
+  edge pixels (torch's align_corners=False; jax.image.resize without antialiasing)."""
+  pos = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0, n_in - 1)
+  lo = np.floor(pos).astype(np.int64)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = pos - lo
+  weights = np.zeros((n_out, n_in))
+  np.add.at(weights, (np.arange(n_out), lo), 1 - frac)
+  np.add.at(weights, (np.arange(n_out), hi), frac)
+  return weights
 
 
 def upsample_bilinear(x_bhwc: jax.Array, factors: Sequence[int]) -> jax.Array:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.layers import ConvBNAct
+from jaxseg.layers import ConvBNAct, max_pool
 from jaxseg.errors import JaxsegError
 
 Dtype = Any
@@ -145,7 +145,7 @@ class ResNet(nn.Module):
     x = ConvBNAct(self.width, 7, 2, dtype=self.dtype, use_bias=STYLES[self.style]["use_bias"],
                   bn_epsilon=STYLES[self.style]["bn_epsilon"], name="stem")(x, train=train)
     features = {"stem": x}  # stride 2, before the max-pool (U-Net decoders use it as a skip)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, 3, 2, padding=((1, 1), (1, 1)))
     plan = stage_plan(self.stage_sizes, self.output_stride, self.multi_grid)
     for s, (strides, dilations, _) in enumerate(plan):
       x = ResNetStage(self.stage_sizes[s], STAGE_WIDTHS[s] * self.width // 64, strides,

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxseg.layers import (ConvBNAct, DepthwiseConv, SeparableConvBNAct, batch_norm, conv,
-                           conv_kernel_init)
+                           conv_kernel_init, max_pool)
 from jaxseg.errors import JaxsegError
 
 Dtype = Any
@@ -90,7 +90,7 @@ class Xception(nn.Module):
       projection += 1
       stride = 2 if reduction * 2 <= self.output_stride else 1
       padding = "SAME" if self.pool_padding == "tf" else ((1, 1), (1, 1))
-      y = nn.max_pool(y, (3, 3), strides=(stride, stride), padding=padding)
+      y = max_pool(y, 3, stride, padding=padding)
       shortcut = conv2d(features, (1, 1), strides=stride, padding="SAME",
                         name=f"conv2d{suffix}")(shortcut)
       shortcut = bn(name=f"batch_normalization{suffix}")(shortcut)

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxseg.layers import ConvBNAct, UpConv2x2, conv, conv_kernel_init, upsample2x_bilinear
+from jaxseg.layers import (ConvBNAct, UpConv2x2, conv, conv_kernel_init, max_pool,
+                           upsample2x_bilinear)
 
 Dtype = Any
 
@@ -101,7 +102,7 @@ class UNet(nn.Module):
     for level in range(self.depth):
       x = block(self.features * 2 ** level, name=f"down{level}")(x, train=train)
       skips.append(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x, 2, 2)
     x = block(self.features * 2 ** self.depth, name="bottleneck")(x, train=train)
     for level in reversed(range(self.depth)):
       width = self.features * 2 ** level
