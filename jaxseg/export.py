@@ -1,24 +1,35 @@
-"""Trained models out of jaxseg: serialised StableHLO that runs with `jax` and `numpy` alone.
+"""Trained models out of jaxseg: serialised StableHLO that runs with `jax` and `numpy` alone,
+and ONNX that runs with onnxruntime.
 
-    python -m experiments.export --workdir=runs/unet_unet_synthetic --out=exported/unet
+    python -m experiments.export --workdir=runs/unet_unet_synthetic --format=stablehlo,onnx \
+        --out=exported/unet
 
-writes OUT/model.stablehlo (the bytes of `jax.export.Exported.serialize()`) and OUT/model.json
-(classes, palette, the input the function takes and the size rule). These names and the call
-convention are the public contract:
+writes OUT/model.stablehlo (the bytes of `jax.export.Exported.serialize()`), OUT/model.onnx
+and OUT/model.json (classes, palette, the input the function takes and the size rule). These
+names and the call convention are the public contract:
 
     exported = jax.export.deserialize(bytearray(open("OUT/model.stablehlo", "rb").read()))
     probabilities, labels = exported.call(images)   # (B, H, W, C) uint8 -> f32 (B,H,W,K), i32
+    probabilities, labels = onnxruntime.InferenceSession("OUT/model.onnx").run(
+        None, {"images": images})
 
 Normalisation is inside the function; batch, height and width are symbolic. Each image is
 padded (bottom and right, with zeros after normalisation, as mmsegmentation's data
 preprocessor does) to a multiple of the network's stride and the result cropped back: with
 symbolic sizes the skip connections and dilated convolutions need sizes the stride divides.
 On sizes the stride already divides the exported function equals `load_run(RUN).probabilities`.
+
+The ONNX file (jax2onnx, opset `ONNX_OPSET`) has a symbolic batch but a fixed height and width
+(`--size`, by default the run's training size): jax2onnx cannot carry the pad-to-stride sizes
+(floor divisions of a symbolic size) through convolutions, max-pools and skip connections.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -26,12 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.errors import JaxsegError
+from jaxseg.errors import JaxsegError, first_line
 from jaxseg.inference import NO_TTA, TTA
+from jaxseg.train.workdir import ensure_writable
 
-FORMATS = ("stablehlo", "safetensors")
+FORMATS = ("stablehlo", "onnx", "safetensors")
 DEFAULT_FORMATS = ("stablehlo",)
 STABLEHLO_FILE = "model.stablehlo"
+ONNX_FILE = "model.onnx"
+# ONNX operator set of model.onnx: onnxruntime >= 1.18 runs it. jax2onnx writes ReduceMean with
+# its axes as an input, which opset 18 introduced.
+ONNX_OPSET = 21
 SAFETENSORS_FILE = "model.safetensors"  # jaxseg.save_pretrained's file: weights + config
 METADATA_FILE = "model.json"
 FORMAT_VERSION = 1
@@ -78,6 +94,8 @@ def serving_function(model, tta: TTA = NO_TTA, stride: int = STRIDE):
 
   def probabilities_of(module, variables, x):
     h, w = x.shape[1:3]
+    if isinstance(h, int) and isinstance(w, int):  # a fixed size (ONNX): as load_run does
+      return jax.nn.softmax(module.apply(variables, x, train=False).astype(jnp.float32), -1)
     padded = jnp.pad(x, ((0, 0), (0, stride * ((h + stride - 1) // stride) - h),
                          (0, stride * ((w + stride - 1) // stride) - w), (0, 0)))
     logits = module.apply(variables, padded, train=False)[:, :h, :w].astype(jnp.float32)
@@ -109,21 +127,23 @@ def _write(path: str, data: bytes) -> None:
     raise JaxsegError(f"--out: could not write {path} ({e.strerror or e})") from None
 
 
-def metadata(model, *, tta: TTA, formats: Sequence[str], smallest: int) -> dict[str, Any]:
+def metadata(model, *, tta: TTA, formats: Sequence[str], smallest: int,
+             onnx_size: tuple[int, int] | None = None) -> dict[str, Any]:
   from jaxseg.version import __version__  # pylint: disable=g-import-not-at-top
   members, weights = _members(model)
   first = members[0]
+  channels = int(getattr(first, "in_channels", 3))
   return {
       "format_version": FORMAT_VERSION, "jaxseg_version": __version__,
-      "files": {f: {"stablehlo": STABLEHLO_FILE, "safetensors": SAFETENSORS_FILE}[f]
-                for f in formats},
+      "files": {f: {"stablehlo": STABLEHLO_FILE, "onnx": ONNX_FILE,
+                    "safetensors": SAFETENSORS_FILE}[f] for f in formats},
       "model": getattr(model, "name", ""),
       "members": [{"workdir": m.workdir, "step": m.step, "weights_source": m.weights_source,
                    "weight": w} for m, w in zip(members, weights)],
       "class_names": list(first.classes.names), "palette": np.asarray(
           first.classes.palette).tolist(), "ignore_index": int(first.classes.ignore_index),
       "input": {"name": "images", "layout": "NHWC",
-                "channels": int(getattr(first, "in_channels", 3)),
+                "channels": channels,
                 "dtype": str(getattr(first, "image_dtype", "uint8")),
                 "size_rule": f"any height and width >= {smallest}; padded inside to a multiple "
                              f"of {STRIDE} and cropped back",
@@ -131,6 +151,10 @@ def metadata(model, *, tta: TTA, formats: Sequence[str], smallest: int) -> dict[
       "outputs": [{"name": "probabilities", "dtype": "float32", "shape": "B, H, W, K"},
                   {"name": "labels", "dtype": "int32", "shape": "B, H, W"}],
       "tta": tta.describe(),
+      **({"onnx": {"file": ONNX_FILE, "opset": ONNX_OPSET, "input_shape": ["B", *onnx_size,
+                                                                           channels],
+                   "size_rule": f"batch any; height and width exactly {onnx_size[0]}x"
+                                f"{onnx_size[1]} (--size)"}} if onnx_size else {}),
   }
 
 
@@ -147,18 +171,73 @@ def export_stablehlo(model, tta: TTA = NO_TTA) -> tuple[bytes, int]:
   return bytes(exported.serialize()), smallest
 
 
+def onnx_size(model, size: Sequence[int] | None) -> tuple[int, int]:
+  """The fixed (height, width) of the ONNX input: `size`, else the run's training size."""
+  from jaxseg import runs  # pylint: disable=g-import-not-at-top
+  if size:
+    if len(size) != 2 or min(size) < 1:
+      raise JaxsegError(f"--size={'x'.join(map(str, size))}: give HxW, two positive numbers")
+    return int(size[0]), int(size[1])
+  trained = runs.training_size(_members(model)[0][0])
+  if not trained:
+    raise JaxsegError("--format=onnx: the ONNX file takes one image size and this run records "
+                      "no training size; give --size=HxW")
+  return trained
+
+
+def _jax2onnx():
+  try:
+    import jax2onnx  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise JaxsegError("--format=onnx needs jax2onnx, onnx and onnxruntime: pip install "
+                      "'jaxseg[export]'") from None
+  return jax2onnx
+
+
+@contextlib.contextmanager
+def _quiet(*loggers):
+  """jax2onnx and onnx_ir log every fallback they take at WARNING, and jax2onnx 0.12's conv
+  binding prints debug lines; keep the export's output to what it wrote."""
+  saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+  for logger, _ in saved:
+    logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    for logger, level in saved:
+      logger.setLevel(level)
+
+
+def export_onnx(model, tta: TTA = NO_TTA, size: Sequence[int] | None = None) -> bytes:
+  """The serialised ONNX ModelProto of `serving_function`: input "images" (B, H, W, C) with a
+  symbolic batch and the fixed `onnx_size`, outputs "probabilities" and "labels"."""
+  jax2onnx = _jax2onnx()
+  first = _members(model)[0][0]
+  spec = jax.ShapeDtypeStruct(("B", *onnx_size(model, size), int(getattr(first, "in_channels", 3))),
+                              jnp.dtype(getattr(first, "image_dtype", "uint8")))
+  with _quiet("jax2onnx", "onnx_ir"):
+    proto = jax2onnx.to_onnx(serving_function(model, tta), inputs=[spec],
+                             model_name=getattr(model, "name", "jaxseg").replace("/", "_"),
+                             opset=ONNX_OPSET, input_names=["images"],
+                             output_names=["probabilities", "labels"])
+  return proto.SerializeToString()
+
+
 def export(model, out_dir: str, *, formats: Sequence[str] = DEFAULT_FORMATS,
-           tta: TTA = NO_TTA) -> dict[str, Any]:
+           tta: TTA = NO_TTA, size: Sequence[int] | None = None) -> dict[str, Any]:
   """Writes the exported files and model.json into `out_dir`; returns model.json's content."""
   unknown = [f for f in formats if f not in FORMATS]
   if unknown or not formats:
     raise JaxsegError(f"--format={','.join(formats)}: valid formats are {', '.join(FORMATS)}")
+  fixed = None
+  if "onnx" in formats:  # before anything is written: the extra installed, a size known
+    _jax2onnx()
+    fixed = onnx_size(model, size)
   parent = os.path.dirname(os.path.abspath(out_dir))
   if not os.path.isdir(parent):
     raise JaxsegError(f"--out={out_dir}: its folder {parent} does not exist")
-  os.makedirs(out_dir, exist_ok=True)
-  if not os.access(out_dir, os.W_OK):
-    raise JaxsegError(f"--out={out_dir}: not writable")
+  ensure_writable(out_dir, "out")  # a probe file: os.access says yes to root on a read-only disk
   if "safetensors" in formats and tta.num_views > 1:
     raise JaxsegError("--format=safetensors holds the network's weights, not a test mode: "
                       "drop --flip/--tta")
@@ -166,10 +245,12 @@ def export(model, out_dir: str, *, formats: Sequence[str] = DEFAULT_FORMATS,
   if "stablehlo" in formats:
     blob, smallest = export_stablehlo(model, tta)
     _write(os.path.join(out_dir, STABLEHLO_FILE), blob)
+  if "onnx" in formats:
+    _write(os.path.join(out_dir, ONNX_FILE), export_onnx(model, tta, fixed))
   if "safetensors" in formats:
     from jaxseg import portable  # pylint: disable=g-import-not-at-top
     portable.save_pretrained(model, os.path.join(out_dir, SAFETENSORS_FILE))
-  meta = metadata(model, tta=tta, formats=formats, smallest=smallest)
+  meta = metadata(model, tta=tta, formats=formats, smallest=smallest, onnx_size=fixed)
   _write(os.path.join(out_dir, METADATA_FILE), json.dumps(meta, indent=1).encode())
   return meta
 
@@ -199,3 +280,26 @@ def load(out_dir: str):
     raise JaxsegError(f"{path}: not a serialised jax.export module (corrupt or truncated: "
                       f"{type(e).__name__})") from None
   return exported, meta
+
+
+def onnx_session(out_dir: str, threads: int | None = None):
+  """An onnxruntime session of OUT/model.onnx (every provider this onnxruntime has); one line
+  when the file is missing, truncated or not ONNX."""
+  try:
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise JaxsegError("running model.onnx needs onnxruntime: pip install 'jaxseg[export]'"
+                      ) from None
+  path = os.path.join(out_dir, ONNX_FILE)
+  if not os.path.isfile(path):
+    raise JaxsegError(f"{path}: no such file (python -m experiments.export --format=onnx "
+                      "writes it)")
+  options = onnxruntime.SessionOptions()
+  if threads:
+    options.intra_op_num_threads = threads
+  try:
+    return onnxruntime.InferenceSession(path, options,
+                                        providers=onnxruntime.get_available_providers())
+  except Exception as e:  # pylint: disable=broad-except  # onnxruntime's errors vary
+    raise JaxsegError(f"{path}: not an ONNX model onnxruntime can load (corrupt or truncated: "
+                      f"{first_line(e)[:160]})") from None

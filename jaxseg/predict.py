@@ -27,13 +27,12 @@ import tqdm
 from absl import logging
 from PIL import Image
 
-from jaxseg import visualize
-from jaxseg.data import dataset_spec, from_config
+from jaxseg import runs, visualize
+from jaxseg.data import from_config
 from jaxseg.data.files import BadExample, read_array, read_image
 from jaxseg.errors import JaxsegError, first_line
 from jaxseg.evaluate import Ensemble
 from jaxseg.inference import NO_TTA, TTA
-from jaxseg.runs import GraphRun
 from jaxseg.train.workdir import check_not_locked, ensure_writable
 
 
@@ -291,31 +290,6 @@ def _up_to_date(path: str, base: str, manifest: dict, settings: str) -> bool:
   return True
 
 
-def _train_crop(run) -> tuple[int, int] | None:
-  """The (h, w) of the images `run` trained on, or None where unknown or meaningless."""
-  if isinstance(run, GraphRun):
-    return None  # whole images always: its superpixels span the image
-  data = run.config.data
-  pair = from_config._pair  # pylint: disable=protected-access
-  crop = pair(data.get("crop_size"), "crop_size")
-  if not crop:
-    try:
-      crop = dataset_spec(data.name).crop_size
-    except JaxsegError:
-      crop = None
-  if not crop:
-    # Folder datasets crop to the size of their first image: only the run's summary says it.
-    try:
-      with open(os.path.join(run.workdir, "summary.json"), encoding="utf-8") as f:
-        size = json.load(f).get("image_size")
-      crop = (int(size[0]), int(size[1])) if size else None
-    except (OSError, ValueError, TypeError, IndexError, AttributeError):
-      crop = None
-  if not crop and data.name == "synthetic":  # generated at the training size, not cropped
-    crop = pair(data.get("image_size"), "image_size")
-  return tuple(crop) if crop else None
-
-
 def _prepare(paths, out_dir, input_dir, overwrite):
   """(images, their output bases, {output folder: its manifest}), once every output folder
   is writable and no file predict did not write is in the way (unless `overwrite`)."""
@@ -397,7 +371,7 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
   default_window = None
   if window == "default":
     default_window = from_config.eval_settings(first.config, model.classes.ignore_index)[0]
-  crops = [c for c in map(_train_crop, members) if c] if window == "default" else []
+  crops = [c for c in map(runs.training_size, members) if c] if window == "default" else []
   crop = (min(c[0] for c in crops), min(c[1] for c in crops)) if crops else None
   told = []
 

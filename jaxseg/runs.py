@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxseg import inference
 from jaxseg import weights as weights_lib
-from jaxseg.data import from_config, graph_data, superpixels as sp
+from jaxseg.data import dataset_spec, from_config, graph_data, superpixels as sp
 from jaxseg.data.preprocess import make_normalize
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import NO_TTA, TTA
@@ -245,6 +245,31 @@ def make_preprocess(spec) -> Callable:
   """The input function of a preprocessing spec a run saved: "imagenet" or {channels, mean,
   std} (a pretrained backbone's, or the data's own statistics)."""
   return make_normalize() if spec == "imagenet" else weights_lib.make_preprocess(spec)
+
+
+def training_size(run) -> tuple[int, int] | None:
+  """The (h, w) of the images `run` trained on, or None where unknown or meaningless."""
+  if isinstance(run, GraphRun):
+    return None  # whole images always: its superpixels span the image
+  data = run.config.data
+  pair = from_config._pair  # pylint: disable=protected-access
+  crop = pair(data.get("crop_size"), "crop_size")
+  if not crop:
+    try:
+      crop = dataset_spec(data.name).crop_size
+    except JaxsegError:
+      crop = None
+  if not crop:
+    # Folder datasets crop to the size of their first image: only the run's summary says it.
+    try:
+      with open(os.path.join(run.workdir, "summary.json"), encoding="utf-8") as f:
+        size = json.load(f).get("image_size")
+      crop = (int(size[0]), int(size[1])) if size else None
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+      crop = None
+  if not crop and data.name == "synthetic":  # generated at the training size, not cropped
+    crop = pair(data.get("image_size"), "image_size")
+  return tuple(crop) if crop else None
 
 
 def _load_graph_run(workdir: str, flag: str, config, checkpoint, weights) -> GraphRun:
