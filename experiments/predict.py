@@ -28,8 +28,12 @@ _INPUT_DIR = flags.DEFINE_string(
     ") under this folder, recursively; --out_dir keeps its subfolders.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files that "
                                "predict did not write.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images of one size predicted together.",
-                                   lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images predicted together, sharded over "
+                                   "every device.", lower_bound=1)
+_BUCKET = flags.DEFINE_enum("bucket", "auto", predict.BUCKETS, "yes: pad each image to a size "
+                            "bucket (at most 1/8 more per side, zero after normalisation) so "
+                            "that a folder of many sizes compiles a few programs; auto: when "
+                            f"more than {predict.BUCKET_AFTER} sizes; no: each size as it is.")
 _ALPHA = flags.DEFINE_float("alpha", 0.5, "Opacity of the mask in the overlay.")
 
 
@@ -44,7 +48,8 @@ def main(images):
   result = predict.export_predictions(model, images, out_dir=_OUT_DIR.value, tta=tta,
                                        window=window,
                                        alpha=_ALPHA.value, input_dir=_INPUT_DIR.value,
-                                       overwrite=_OVERWRITE.value, batch_size=_BATCH_SIZE.value)
+                                       overwrite=_OVERWRITE.value, batch_size=_BATCH_SIZE.value,
+                                       bucket=_BUCKET.value)
   print(result.summary() + (f", e.g. {result.written[0]}" if result.written else ""))
 
 

@@ -70,11 +70,12 @@ class Ensemble:
   def name(self) -> str:
     return "ensemble(" + ", ".join(m.name for m in self.members) + ")"
 
-  def probabilities(self, images, tta: TTA = NO_TTA, window=None):
+  def probabilities(self, images, tta: TTA = NO_TTA, window=None, sizes=None):
     total = 0.0
+    padded = {} if sizes is None else {"sizes": sizes}  # a GraphRun member takes none
     for member, weight in zip(self.members, self.weights):
       if weight:
-        total = total + weight * member.probabilities(images, tta=tta, window=window)
+        total = total + weight * member.probabilities(images, tta=tta, window=window, **padded)
     return total
 
   def forward_flops(self, image_shape) -> float | None:

@@ -113,6 +113,15 @@ def tta_scores(view_fn: Callable, images, tta: TTA = NO_TTA, *, logits: bool = T
   return total / tta.num_views
 
 
+def zero_beyond(images, sizes):
+  """`images` (B, H, W, C) with every pixel outside each image's own (h, w) = `sizes[b]` set to
+  zero: a batch of several sizes padded at the bottom and right."""
+  h, w = images.shape[1:3]
+  rows = jnp.arange(h)[None, :, None] < sizes[:, 0, None, None]
+  cols = jnp.arange(w)[None, None, :] < sizes[:, 1, None, None]
+  return jnp.where((rows & cols)[..., None], images, jnp.zeros((), images.dtype))
+
+
 def predict(apply: Callable, images, num_classes: int, *, tta: TTA = NO_TTA,
             window: tuple[int, int] | None = None):
   """Class probabilities float32 (B, H, W, K) of model `apply(x) -> logits` on preprocessed

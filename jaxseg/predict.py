@@ -10,6 +10,7 @@ sliding window (docs/evaluation.md).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import glob
@@ -29,10 +30,11 @@ from PIL import Image
 
 from jaxseg import runs, visualize
 from jaxseg.data import from_config
-from jaxseg.data.files import BadExample, read_array, read_image
+from jaxseg.data.files import BadExample, probe_array, read_array, read_image
 from jaxseg.errors import JaxsegError, first_line
 from jaxseg.evaluate import Ensemble
 from jaxseg.inference import NO_TTA, TTA
+from jaxseg.train import sharding
 from jaxseg.train.workdir import check_not_locked, ensure_writable
 
 
@@ -317,10 +319,54 @@ def plan_predictions(paths: Sequence[str] = (), *, out_dir: str | None = None,
   return [(path, base) for (path, _), base in zip(images, bases)]
 
 
+BUCKETS = ("auto", "yes", "no")
+BUCKET_AFTER = 8  # image sizes in one call past which "auto" pads to buckets
+
+
+def bucket_size(n: int) -> int:
+  """`n` rounded up to a multiple of 32, or of 1/8 of the power of two below it when that is
+  larger (600 -> 640, 1000 -> 1024, 6000 -> 6144): 33 sizes from 256 to 4096 pixels, each at
+  most 1/8 more than the sizes it holds (below 256, multiples of 32, which every network here
+  divides)."""
+  step = max(32, (1 << (n.bit_length() - 1)) // 8)
+  return -(-n // step) * step
+
+
+def _probed_size(path: str) -> tuple[int, int] | None:
+  """(h, w) from the file's header; None where it cannot be read (the read names it later)."""
+  try:
+    return tuple(probe_array(path).size)
+  except (BadExample, OSError, ValueError):
+    return None
+
+
+def _read_ahead(todo, rgb8: bool, depth: int):
+  """((path, base), image or the exception reading it) for `todo` in order, read by two
+  threads up to `depth` images ahead: decoding overlaps the device's work."""
+  def read(path):
+    try:
+      # 8-bit RGB runs take any picture (grey, palette, 16-bit: as 8-bit RGB); others the
+      # file's own bands and values.
+      return read_image(path) if rgb8 else read_array(path)
+    except (BadExample, MemoryError) as e:
+      return e
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    ahead = collections.deque()
+    for item in todo:
+      ahead.append((item, pool.submit(read, item[0])))
+      if len(ahead) > depth:
+        item, future = ahead.popleft()
+        yield item, future.result()
+    while ahead:
+      item, future = ahead.popleft()
+      yield item, future.result()
+
+
 def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None = None,
                        tta: TTA = NO_TTA, window="default", alpha: float = 0.5,
                        input_dir: str | None = None, overwrite: bool = False,
-                       batch_size: int = 8) -> Predictions:
+                       batch_size: int = 8, bucket: str = "auto") -> Predictions:
   """For each image writes NAME_labels.png (raw class ids, 8-bit grey), NAME_mask.png (the
   classes in the palette's colours) and NAME_overlay.png (the mask blended over the image),
   next to it or into `out_dir`; names are made unique as `_output_bases` says.
@@ -330,13 +376,23 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
   writable and no file predict did not write (its manifest says) would be replaced, unless
   `overwrite`. Images whose outputs are up to date are skipped, so a rerun finishes what a
   killed one left. An image that cannot be read or predicted is logged and the rest are done;
-  then `PredictionsFailed` names them all. Images of one size go `batch_size` at a time.
+  then `PredictionsFailed` names them all.
+
+  Images go `batch_size` at a time, sharded over every device (the batch is filled up to a
+  multiple of the device count), sorted by size so that images of one size fill batches.
+  `bucket` "yes" pads each image at the bottom and right to its bucket (`bucket_size`: a few
+  sizes), zero after normalisation, so that a folder of many sizes compiles a few programs;
+  the padding can change a prediction near the padded edges (and, through DeepLab's image
+  pooling, slightly everywhere). "auto" does so only for more than `BUCKET_AFTER` sizes;
+  "no" never. The GNN (superpixels of the whole image) takes each size as it is.
 
   `window` "default" is the sliding window the run's dataset is evaluated with, or whole
   images, except that images over twice the run's training size go by windows of that size
   (whole, they can take more memory than any device has); None is whole images always."""
   if batch_size < 1:
     raise JaxsegError(f"--batch_size={batch_size} must be at least 1")
+  if bucket not in BUCKETS:
+    raise JaxsegError(f"--bucket={bucket} is not one of: {', '.join(BUCKETS)}")
   images, bases, manifests = _prepare(paths, out_dir, input_dir, overwrite)
   folders = sorted(manifests)
   if model.num_classes > 256:
@@ -425,12 +481,34 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
     dirty.add(folder)
     save_manifests(now=False)
 
+  probed = {path: _probed_size(path) for path, _ in todo}
+  sizes_seen = {size for size in probed.values() if size}
+  bucket = (bucket == "yes" or bucket == "auto" and len(sizes_seen) > BUCKET_AFTER) and not any(
+      isinstance(m, runs.GraphRun) for m in members)
+  mesh = sharding.make_mesh()
+  devices = mesh.devices.size
+
+  def shape_of(h, w):
+    return (bucket_size(h), bucket_size(w)) if bucket else (h, w)
+
   def run(group):
-    """Predicts `group`, images of one shape, as one batch."""
+    """Predicts `group`, images of one bucket (or shape), as one batch over every device."""
+    first_image = group[0][2]
+    shape = shape_of(*first_image.shape[:2])
     try:
-      probabilities = model.probabilities(np.stack([image for _, _, image in group]), tta=tta,
-                                          window=window_for(group[0][0], group[0][2].shape))
-      labels = np.asarray(jnp.argmax(probabilities, -1), np.uint8)
+      rows = len(group) if len(group) == 1 else -(-len(group) // devices) * devices
+      batch = np.zeros((rows, *shape, first_image.shape[-1]), first_image.dtype)
+      sizes = np.zeros((rows, 2), np.int32)
+      for i, (_, _, image) in enumerate(group):
+        batch[i, :image.shape[0], :image.shape[1]] = image
+        sizes[i] = image.shape[:2]
+      padded = {"sizes": sizes} if bucket else {}
+      if rows % devices == 0:
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+        padded = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in padded.items()}
+      probabilities = model.probabilities(batch, tta=tta, window=window_for(
+          group[0][0], first_image.shape), **padded)
+      labels = np.asarray(jnp.argmax(probabilities, -1).astype(jnp.uint8))
     except (JaxsegError, MemoryError, jax.errors.JaxRuntimeError) as e:  # e.g. out of memory
       if len(group) > 1:  # again one at a time, so that the error names its image
         for one in group:
@@ -439,18 +517,20 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
         fail(group[0][0], e)
       return
     for (path, base, image), image_labels in zip(group, labels):
-      write(path, base, image, image_labels)
+      write(path, base, image, image_labels[:image.shape[0], :image.shape[1]])
 
-  pending = []  # (path, base, image) of consecutive images of one shape: the next batch
+  if bucket:
+    logging.info("predict: %d image sizes, padded to %d size buckets (--bucket=no: each size as "
+                 "it is)", len(sizes_seen), len({shape_of(*size) for size in sizes_seen}))
+  # Neighbours of one size (bucket) fill batches; unreadable headers go last (named there).
+  todo.sort(key=lambda item: (0, *shape_of(*probed[item[0]])) if probed[item[0]] else (1, 0, 0))
+  pending = []  # (path, base, image) of consecutive images of one bucket: the next batch
   try:
-    for path, base in tqdm.tqdm(todo, desc="predict", unit="image", dynamic_ncols=True,
-                                disable=len(todo) < 2):
-      try:
-        # 8-bit RGB runs take any picture (grey, palette, 16-bit: as 8-bit RGB); others the
-        # file's own bands and values.
-        image = read_image(path) if rgb8 else read_array(path)
-      except (BadExample, MemoryError) as e:
-        fail(path, e)
+    for (path, base), image in tqdm.tqdm(_read_ahead(todo, rgb8, depth=2 * batch_size),
+                                         total=len(todo), desc="predict", unit="image",
+                                         dynamic_ncols=True, disable=len(todo) < 2):
+      if isinstance(image, Exception):
+        fail(path, image)
         continue
       if (image.shape[-1], image.dtype.name) != (model.in_channels, model.image_dtype):
         fail(path, f"{path}: image has {image.shape[-1]} channel(s) of {image.dtype.name} but "
@@ -460,7 +540,7 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
       # A sliding window already batches its windows: such an image goes alone.
       limit = 1 if size is not None and (image.shape[0] > size[0] or
                                          image.shape[1] > size[1]) else batch_size
-      if pending and pending[0][2].shape != image.shape:
+      if pending and shape_of(*pending[0][2].shape[:2]) != shape_of(*image.shape[:2]):
         run(pending)
         pending = []
       pending.append((path, base, image))

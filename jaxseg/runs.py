@@ -58,9 +58,12 @@ class Run:
   def __post_init__(self):
     model, preprocess, k = self.model, self.preprocess, self.num_classes
 
-    def probabilities(variables, images, tta, window):
+    def probabilities(variables, images, tta, window, sizes):
       apply = lambda x: model.apply(variables, x, train=False).astype(jnp.float32)
-      return inference.predict(apply, preprocess(images), k, tta=tta, window=window)
+      x = preprocess(images)
+      if sizes is not None:
+        x = inference.zero_beyond(x, sizes)
+      return inference.predict(apply, x, k, tta=tta, window=window)
 
     # Compiled once per run (jit caches by the function object) and per static setting.
     self._logits = jax.jit(lambda variables, images: model.apply(
@@ -74,9 +77,13 @@ class Run:
   def logits(self, images):
     return self._logits(self.variables, images)
 
-  def probabilities(self, images, tta: TTA = NO_TTA, window: tuple[int, int] | None = None):
+  def probabilities(self, images, tta: TTA = NO_TTA, window: tuple[int, int] | None = None,
+                    sizes=None):
+    """float32 (B, H, W, K). `sizes` int (B, 2): each image's own (h, w) when the batch holds
+    images of several sizes padded at the bottom and right; the padding is zero after
+    normalisation (mmsegmentation's padding), whatever its pixel values."""
     return self._probabilities(self.variables, images, tta=tta,
-                               window=None if window is None else tuple(window))
+                               window=None if window is None else tuple(window), sizes=sizes)
 
   def forward_flops(self, image_shape) -> float | None:
     """XLA's FLOP count of one forward pass on one image of `image_shape` (H, W, 3)."""
