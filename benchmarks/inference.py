@@ -1,20 +1,22 @@
 """Inference speed, side by side in one run: jaxseg's jitted model, the exported StableHLO
-(experiments.export), onnxruntime on an ONNX file, and PyTorch eager on the twin models of
+(experiments.export), onnxruntime on its ONNX export, and PyTorch eager on the twin models of
 benchmarks/torch_models.py.
 
     python benchmarks/inference.py --size=512 --batch_size=1 --repeats=3
 
-Every row is the whole prediction of a uint8 batch: normalisation, the network, softmax and
+"jaxseg (jit)" passes the weights to the jitted function as arguments (`Run.probabilities`);
+"frozen" compiles them in as constants (`Run.frozen()`, what `experiments.predict` runs on a
+CPU). Every row is the whole prediction of a uint8 batch: normalisation, the network, softmax and
 argmax (PyTorch: the same, on a channels_last float batch). Random weights: speed does not
 depend on them. Images/s is the batch size over the median time of `repeats` calls after one
 warm-up call (which compiles the jitted ones).
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -72,11 +74,11 @@ def torch_predict(name: str, num_classes: int):
   return predict
 
 
-def onnx_row() -> str:
-  """Why there is no onnxruntime figure yet."""
-  if importlib.util.find_spec("onnxruntime") is None:
-    return "onnxruntime is not installed"
-  return "no ONNX export in jaxseg yet (experiments.export writes StableHLO)"
+def onnx_predict(run: runs.Run, size: int, folder: str):
+  """onnxruntime on the model's ONNX export (experiments.export --format=onnx), every core."""
+  export.export(run, folder, formats=["onnx"], size=(size, size))
+  session = export.onnx_session(folder, threads=os.cpu_count())
+  return lambda images: session.run(None, {"images": images})
 
 
 def main():
@@ -96,20 +98,24 @@ def main():
     run = jaxseg_run(name, args.num_classes)
     blob, _ = export.export_stablehlo(run)
     exported = jax.export.deserialize(bytearray(blob))
+    frozen = run.frozen()
     rows = {
         "jaxseg (jit)": lambda: jax.block_until_ready(run.probabilities(images).argmax(-1)),
+        "jaxseg (jit, frozen)": lambda: jax.block_until_ready(
+            frozen.probabilities(images).argmax(-1)),
         "exported StableHLO": lambda: jax.block_until_ready(exported.call(images)),
     }
+    with tempfile.TemporaryDirectory() as folder:
+      onnx = onnx_predict(run, args.size, folder)
+    rows["onnxruntime"] = lambda: onnx(images)
     predict = torch_predict(name, args.num_classes)
     rows["PyTorch eager"] = lambda: predict(images)
-    why = onnx_row()
     base = None
     for runtime, fn in rows.items():
       seconds = timed(fn, args.repeats)
       speed = args.batch_size / seconds
       base = base or speed
       print(f"{name:18s} {runtime:22s} {speed:9.2f} {speed / base:8.2f}x")
-    print(f"{name:18s} {'onnxruntime':22s} {'n/a':>9s}  ({why})")
 
 
 if __name__ == "__main__":

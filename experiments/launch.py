@@ -100,7 +100,8 @@ class ModelFlags:
   def __init__(self):
     main = {"module_name": sys.argv[0]}
     self._workdir = flags.DEFINE_list(
-        "workdir", None, "Run directory, or several (comma-separated) for an ensemble.",
+        "workdir", None, "Run directory, or several (comma-separated) for an ensemble; "
+        "predict and export also take a portable model file (.safetensors).",
         required=True, **main)
     self._weights = flags.DEFINE_list("weights", None, "Ensemble weights, one per run "
                                       "(default equal).", **main)

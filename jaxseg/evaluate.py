@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg import metrics, visualize
+from jaxseg import metrics, portable, visualize
 from jaxseg.data import from_config, pipeline
 from jaxseg.data.files import channels
 from jaxseg.errors import JaxsegError
@@ -188,8 +188,14 @@ def throughput(model, image_shape, *, batch_size: int = 8, repeats: int = 3,
 def load_model(workdirs: Sequence[str], weights: Sequence[float] | None = None,
                loading: dict | None = None):
   """One run, or the ensemble of several (equal weights unless given); `loading` is
-  load_run's checkpoint/weights choice (default: the best checkpoint, the weight average)."""
-  runs = [load_run(w, **(loading or {})) for w in workdirs]
+  load_run's checkpoint/weights choice (default: the best checkpoint, the weight average).
+  A `.safetensors` file in place of a workdir is a portable model file (load_pretrained)."""
+  def load(path):
+    if path.endswith(".safetensors") and not os.path.isdir(path):
+      return portable.load_pretrained(path)
+    return load_run(path, **(loading or {}))
+
+  runs = [load(w) for w in workdirs]
   if len(runs) == 1 and weights is None:
     return runs[0]
   return Ensemble(runs, weights)

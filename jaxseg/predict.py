@@ -363,6 +363,15 @@ def _read_ahead(todo, rgb8: bool, depth: int):
       yield item, future.result()
 
 
+def _frozen(model, members):
+  """(model, members) with each CNN's weights compiled in as constants (`Run.frozen`): 1.3x
+  the images/s of DeepLabV3+ ResNet-50 on XLA:CPU, where the compiler folds them."""
+  members = [m.frozen() if isinstance(m, runs.Run) else m for m in members]
+  if isinstance(model, Ensemble):
+    return Ensemble(members, model.weights), members
+  return members[0], members
+
+
 def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None = None,
                        tta: TTA = NO_TTA, window="default", alpha: float = 0.5,
                        input_dir: str | None = None, overwrite: bool = False,
@@ -400,6 +409,8 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
   members = model.members if isinstance(model, Ensemble) else [model]
   first = members[0]
   settings = _settings(model, members, tta, window, alpha)
+  if jax.default_backend() == "cpu":
+    model, members = _frozen(model, members)
   result = Predictions([path for path, _ in images])
   todo = []
   for (path, _), base in zip(images, bases):

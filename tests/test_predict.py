@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxseg import predict, runs
+from jaxseg import portable, predict, runs
 from jaxseg.data import SyntheticShapes
 from jaxseg.errors import JaxsegError
+from jaxseg.inference import TTA
 from jaxseg.train import segmentation
 from tests import helpers
 
@@ -151,9 +152,9 @@ def test_input_dir_is_walked_and_mirrored_and_sizes_are_batched(model, tmp_path,
             for i, (n, size) in enumerate(sizes.items())}
   (tmp_path / "in" / "notes.txt").write_text("not an image")
   (tmp_path / "in" / ".hidden.png").write_bytes(b"not an image")
-  batches, probabilities = [], model.probabilities
-  monkeypatch.setattr(model, "probabilities", lambda images, **kw: (
-      batches.append(images.shape[:3]), probabilities(images, **kw))[1])
+  batches, probabilities = [], runs.Run.probabilities
+  monkeypatch.setattr(runs.Run, "probabilities", lambda self, images, **kw: (
+      batches.append(images.shape[:3]), probabilities(self, images, **kw))[1])
   result = predict.export_predictions(model, input_dir=str(tmp_path / "in"),
                                        out_dir=str(tmp_path / "out"), batch_size=2,
                                        bucket="yes")
@@ -212,9 +213,9 @@ def test_the_command_line_reports_failures_and_exits_non_zero(unet_run, tmp_path
 
 
 def test_auto_buckets_only_a_folder_of_many_sizes(model, tmp_path, monkeypatch, caplog):
-  shapes, probabilities = [], model.probabilities
-  monkeypatch.setattr(model, "probabilities", lambda images, **kw: (
-      shapes.append(images.shape[1:3]), probabilities(images, **kw))[1])
+  shapes, probabilities = [], runs.Run.probabilities
+  monkeypatch.setattr(runs.Run, "probabilities", lambda self, images, **kw: (
+      shapes.append(images.shape[1:3]), probabilities(self, images, **kw))[1])
   few = [(32, 32), (30, 27), (32, 32)]
   for i, size in enumerate(few):
     _image(tmp_path / "few" / f"{i}.png", size, seed=i)
@@ -255,3 +256,26 @@ def test_one_device_and_eight_write_the_same_labels(unet_run, tmp_path):
   for i in range(len(paths)):
     one, eight = (np.asarray(Image.open(tmp_path / str(d) / f"{i}_labels.png")) for d in (1, 8))
     np.testing.assert_array_equal(one, eight)
+
+
+def test_frozen_weights_predict_as_the_run_does(model):
+  """Batch prediction on a CPU compiles the weights in as constants (Run.frozen)."""
+  images = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  frozen = model.frozen()
+  assert frozen.constant_weights and not model.constant_weights
+  lowered = frozen._probabilities.lower(images, tta=TTA(), window=None, sizes=None)  # pylint: disable=protected-access
+  assert len(jax.tree.leaves(lowered.args_info)) == 1  # the images only: no weight arguments
+  np.testing.assert_allclose(frozen.probabilities(images), model.probabilities(images),
+                             atol=1e-5)
+
+
+def test_a_portable_model_file_predicts_from_the_command_line(model, tmp_path):
+  portable.save_pretrained(model, str(tmp_path / "model.safetensors"))
+  image = _image(tmp_path / "x.png", (32, 32))
+  result = subprocess.run([sys.executable, "-m", "experiments.predict",
+                           f"--workdir={tmp_path / 'model.safetensors'}",
+                           str(tmp_path / "x.png")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "x_labels.png")),
+                                _labels(model, image))
