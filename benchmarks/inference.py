@@ -26,8 +26,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks import torch_models  # noqa: E402
-from experiments.configs import deeplab as deeplab_config  # noqa: E402
-from experiments.configs import unet as unet_config  # noqa: E402
 from jaxseg import export, runs  # noqa: E402
 from jaxseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, make_normalize  # noqa: E402
 from jaxseg.train.workdir import Classes  # noqa: E402
@@ -47,9 +45,7 @@ def timed(fn, repeats: int) -> float:
 
 def jaxseg_run(name: str, num_classes: int) -> runs.Run:
   model = torch_models.jaxseg_model(name, num_classes)
-  config = unet_config.get_config() if name in torch_models.UNETS else deeplab_config.get_config()
-  if name in torch_models.UNETS:
-    config.model.name = name
+  config = torch_models.jaxseg_config(name)
   variables = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
                                          train=False))()
   classes = Classes(tuple(f"c{i}" for i in range(num_classes)),

@@ -272,12 +272,11 @@ def count_params(module: nn.Module) -> int:
   return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def jaxseg_model(name: str, num_classes: int):
-  """The jaxseg model for `name`, with the model arguments of the experiments' configs."""
+def jaxseg_config(name: str):
+  """The experiment config of the jaxseg twin of `name` (its model section as --variant or
+  --backbone set it)."""
   from experiments.configs import deeplab as deeplab_config
   from experiments.configs import unet as unet_config
-  from jaxseg.models import create_model
-  from jaxseg.train import build
 
   if name in UNETS:
     config = unet_config.get_config()
@@ -285,6 +284,15 @@ def jaxseg_model(name: str, num_classes: int):
   else:
     config = deeplab_config.get_config()
     config.model.backbone, config.model.separable = DEEPLABS[name]
+  return config
+
+
+def jaxseg_model(name: str, num_classes: int):
+  """The jaxseg model for `name`, with the model arguments of the experiments' configs."""
+  from jaxseg.models import create_model
+  from jaxseg.train import build
+
+  config = jaxseg_config(name)
   return create_model(config.model.name, num_classes=num_classes,
                       backbone=config.model.backbone, **build.model_kwargs(config))
 

@@ -27,6 +27,7 @@ The ONNX file (jax2onnx, opset `ONNX_OPSET`) has a symbolic batch but a fixed he
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseg.errors import JaxsegError, first_line
+from jaxseg import inference
 from jaxseg.inference import NO_TTA, TTA
 from jaxseg.train.workdir import ensure_writable
 
@@ -80,38 +82,51 @@ def min_size(run) -> int:
 def serving_function(model, tta: TTA = NO_TTA, stride: int = STRIDE):
   """f(images (B, H, W, C) of the model's input dtype) -> (probabilities float32 (B, H, W, K),
   labels int32 (B, H, W)) of a run or an ensemble (weighted mean of the members'
-  probabilities), its weights held as constants."""
+  probabilities), its weights held as constants.
+
+  Traced at a fixed size (ONNX) it computes what `Run.probabilities(images, tta=tta)` does,
+  multi-scale views included. At a symbolic size (StableHLO) each view is padded to a multiple
+  of `stride` and cropped back, and only `tta.flip` can be baked in: a rescaled view of a
+  symbolic size has no exact size."""
   members, weights = _members(model)
   if getattr(members[0], "superpixels", None) is not None:
     raise JaxsegError("the superpixel GNN cannot be exported: its SLIC superpixels and region "
                       "graphs are computed in numpy, outside any traced function")
-  if tta.scales != (1.0,):
-    raise JaxsegError(f"--scales={','.join(map(str, tta.scales))}: an exported model takes any "
-                      "image size, and a rescaled view of a symbolic size has no exact size; "
-                      "export with --flip only")
-  parts = [(m.model, jax.device_get(m.variables), m.preprocess, w)
+  parts = [(m.model, jax.device_get(m.variables), m.preprocess, m.num_classes, w)
            for m, w in zip(members, weights)]
 
-  def probabilities_of(module, variables, x):
+  def padded(apply, x):
     h, w = x.shape[1:3]
-    if isinstance(h, int) and isinstance(w, int):  # a fixed size (ONNX): as load_run does
-      return jax.nn.softmax(module.apply(variables, x, train=False).astype(jnp.float32), -1)
-    padded = jnp.pad(x, ((0, 0), (0, stride * ((h + stride - 1) // stride) - h),
-                         (0, stride * ((w + stride - 1) // stride) - w), (0, 0)))
-    logits = module.apply(variables, padded, train=False)[:, :h, :w].astype(jnp.float32)
-    return jax.nn.softmax(logits, axis=-1)
+    x = jnp.pad(x, ((0, 0), (0, stride * ((h + stride - 1) // stride) - h),
+                    (0, stride * ((w + stride - 1) // stride) - w), (0, 0)))
+    return apply(x)[:, :h, :w]
 
   def serve(images):
     total = 0.0
-    for module, variables, preprocess, weight in parts:
+    for module, variables, preprocess, k, weight in parts:
       x = preprocess(images)
-      p = probabilities_of(module, variables, x)
-      if tta.flip:
-        p = 0.5 * (p + probabilities_of(module, variables, x[:, :, ::-1])[:, :, ::-1])
+      apply = functools.partial(_logits, module, variables)
+      if all(isinstance(d, int) for d in x.shape[1:3]):
+        p = inference.predict(apply, x, k, tta=tta)
+      else:
+        _check_symbolic_tta(tta)
+        p = inference.tta_scores(functools.partial(padded, apply), x, tta)
       total = total + weight * p
     return total, jnp.argmax(total, axis=-1).astype(jnp.int32)
 
   return serve
+
+
+def _logits(module, variables, x):
+  return module.apply(variables, x, train=False).astype(jnp.float32)
+
+
+def _check_symbolic_tta(tta: TTA) -> None:
+  if tta.scales != (1.0,):
+    raise JaxsegError(f"--scales={','.join(map(str, tta.scales))}: model.stablehlo takes any "
+                      "image size, and a rescaled view of a symbolic size has no exact size; "
+                      "bake in --flip only, or export the scales to ONNX alone (--format=onnx: "
+                      "a fixed --size)")
 
 
 def _write(path: str, data: bytes) -> None:
@@ -230,6 +245,8 @@ def export(model, out_dir: str, *, formats: Sequence[str] = DEFAULT_FORMATS,
   unknown = [f for f in formats if f not in FORMATS]
   if unknown or not formats:
     raise JaxsegError(f"--format={','.join(formats)}: valid formats are {', '.join(FORMATS)}")
+  if "stablehlo" in formats:
+    _check_symbolic_tta(tta)
   fixed = None
   if "onnx" in formats:  # before anything is written: the extra installed, a size known
     _jax2onnx()

@@ -28,7 +28,7 @@ import tqdm
 from absl import logging
 from PIL import Image
 
-from jaxseg import runs, visualize
+from jaxseg import inference, runs, visualize
 from jaxseg.data import from_config
 from jaxseg.data.files import BadExample, probe_array, read_array, read_image
 from jaxseg.errors import JaxsegError, first_line
@@ -363,6 +363,59 @@ def _read_ahead(todo, rgb8: bool, depth: int):
       yield item, future.result()
 
 
+def tiled_labels(members: Sequence[runs.Run], weights: Sequence[float], image: np.ndarray,
+                 window: Sequence[int], batch_size: int = 8, mesh=None) -> np.ndarray:
+  """uint8 (H, W) labels of one large image by sliding `window`: the windows, logit averages
+  and weighted mean of the members' probabilities of `probabilities(image[None],
+  window=window)`, but only a band of window rows is ever held. Memory grows with the
+  window's height times the image's width, not with the image: a 6000x6000 photograph's
+  19-class probabilities alone are 2.7 GB.
+
+  Windows go `batch_size` at a time (one compiled shape: the last batch is filled up), sharded
+  over `mesh`'s devices."""
+  mesh = mesh or sharding.make_mesh()
+  h, w = image.shape[:2]
+  wh, ww = min(window[0], h), min(window[1], w)
+  ys, xs = inference.window_starts(h, wh), inference.window_starts(w, ww)
+  row_count, col_count = np.zeros(h, np.float32), np.zeros(w, np.float32)
+  for y in ys:
+    row_count[y:y + wh] += 1
+  for x in xs:
+    col_count[x:x + ww] += 1
+  devices = mesh.devices.size
+  rows = -(-batch_size // devices) * devices
+  k = members[0].num_classes
+  labels = np.empty((h, w), np.uint8)
+  top, sums = 0, [np.zeros((0, w, k), np.float32) for _ in members]  # rows [top, top + len)
+  for i, y in enumerate(ys):
+    grow = y + wh - top - len(sums[0])
+    if grow > 0:
+      sums = [np.concatenate([s, np.zeros((grow, w, k), np.float32)]) for s in sums]
+    for start in range(0, len(xs), rows):
+      chunk = xs[start:start + rows]
+      crops = np.zeros((rows, wh, ww, image.shape[-1]), image.dtype)
+      for j, x in enumerate(chunk):
+        crops[j] = image[y:y + wh, x:x + ww]
+      if rows % devices == 0:
+        crops = jax.device_put(crops, sharding.batch_sharding(mesh))
+      for member, total in zip(members, sums):
+        logits = np.asarray(member.logits(crops))
+        for j, x in enumerate(chunk):  # in the order inference.sliding_logits adds them
+          total[y - top:y - top + wh, x:x + ww] += logits[j]
+    final = ys[i + 1] if i + 1 < len(ys) else h  # no later window reaches these rows
+    if final > top:
+      count = row_count[top:final, None, None] * col_count[None, :, None]
+      mixed = 0.0
+      for weight, total in zip(weights, sums):
+        scores = total[:final - top] / count
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        mixed = mixed + weight * scores / scores.sum(-1, keepdims=True)
+      labels[top:final] = np.argmax(mixed, -1)
+      sums = [total[final - top:] for total in sums]
+      top = final
+  return labels
+
+
 def _frozen(model, members):
   """(model, members) with each CNN's weights compiled in as constants (`Run.frozen`): 1.3x
   the images/s of DeepLabV3+ ResNet-50 on XLA:CPU, where the compiler folds them."""
@@ -502,11 +555,21 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
   def shape_of(h, w):
     return (bucket_size(h), bucket_size(w)) if bucket else (h, w)
 
+  weights = model.weights if isinstance(model, Ensemble) else [1.0]
+  # Whole-image test-time views need the whole image's scores; windows alone can go by bands.
+  tiles = tta.num_views == 1 and all(isinstance(m, runs.Run) for m in members)
+
   def run(group):
     """Predicts `group`, images of one bucket (or shape), as one batch over every device."""
     first_image = group[0][2]
     shape = shape_of(*first_image.shape[:2])
+    size = window_for(group[0][0], first_image.shape)
     try:
+      if tiles and size is not None and (first_image.shape[0] > size[0] or
+                                         first_image.shape[1] > size[1]):
+        write(group[0][0], group[0][1], first_image,
+              tiled_labels(members, weights, first_image, size, batch_size, mesh))
+        return
       rows = len(group) if len(group) == 1 else -(-len(group) // devices) * devices
       batch = np.zeros((rows, *shape, first_image.shape[-1]), first_image.dtype)
       sizes = np.zeros((rows, 2), np.int32)
@@ -517,8 +580,7 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
       if rows % devices == 0:
         batch = jax.device_put(batch, sharding.batch_sharding(mesh))
         padded = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in padded.items()}
-      probabilities = model.probabilities(batch, tta=tta, window=window_for(
-          group[0][0], first_image.shape), **padded)
+      probabilities = model.probabilities(batch, tta=tta, window=size, **padded)
       labels = np.asarray(jnp.argmax(probabilities, -1).astype(jnp.uint8))
     except (JaxsegError, MemoryError, jax.errors.JaxRuntimeError) as e:  # e.g. out of memory
       if len(group) > 1:  # again one at a time, so that the error names its image

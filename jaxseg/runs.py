@@ -70,11 +70,15 @@ class Run:
         x = inference.zero_beyond(x, sizes)
       return inference.predict(apply, x, k, tta=tta, window=window)
 
+    def logits(variables, images):
+      return model.apply(variables, preprocess(images), train=False).astype(jnp.float32)
+
     # Compiled once per run (jit caches by the function object) and per static setting.
-    self._logits = jax.jit(lambda variables, images: model.apply(
-        variables, preprocess(images), train=False).astype(jnp.float32))
     if self.constant_weights:
-      probabilities = functools.partial(probabilities, jax.device_get(self.variables))
+      frozen = jax.device_get(self.variables)
+      logits = functools.partial(logits, frozen)
+      probabilities = functools.partial(probabilities, frozen)
+    self._logits = jax.jit(logits)
     self._probabilities = jax.jit(probabilities, static_argnames=("tta", "window"))
 
   @property
@@ -82,16 +86,19 @@ class Run:
     return "/".join(filter(None, (self.config.model.name, self.config.model.get("backbone"))))
 
   def logits(self, images):
-    return self._logits(self.variables, images)
+    return self._logits(*self._weights(), images)
 
   def probabilities(self, images, tta: TTA = NO_TTA, window: tuple[int, int] | None = None,
                     sizes=None):
     """float32 (B, H, W, K). `sizes` int (B, 2): each image's own (h, w) when the batch holds
     images of several sizes padded at the bottom and right; the padding is zero after
     normalisation (mmsegmentation's padding), whatever its pixel values."""
-    weights = () if self.constant_weights else (self.variables,)
-    return self._probabilities(*weights, images, tta=tta,
+    return self._probabilities(*self._weights(), images, tta=tta,
                                window=None if window is None else tuple(window), sizes=sizes)
+
+  def _weights(self) -> tuple:
+    """The jitted functions' leading arguments: none when the weights are compiled in."""
+    return () if self.constant_weights else (self.variables,)
 
   def frozen(self) -> "Run":
     """This run with its weights compiled in as constants (`constant_weights`): what batch
@@ -101,7 +108,7 @@ class Run:
   def forward_flops(self, image_shape) -> float | None:
     """XLA's FLOP count of one forward pass on one image of `image_shape` (H, W, 3)."""
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
-    return xla_stats.flops(self._logits.lower(self.variables, x).cost_analysis())
+    return xla_stats.flops(self._logits.lower(*self._weights(), x).cost_analysis())
 
 
 @dataclasses.dataclass

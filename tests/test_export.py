@@ -141,8 +141,8 @@ def test_bad_exports_are_one_line(unet_run, tmp_path):
   with pytest.raises(JaxsegError, match=r"--out=.*missing/deeper: its folder .*missing does not "
                                         r"exist"):
     export.export(run, str(tmp_path / "missing" / "deeper"))
-  with pytest.raises(JaxsegError, match=r"--scales=0.5,1.0: an exported model takes any image "
-                                        r"size"):
+  with pytest.raises(JaxsegError, match=r"--scales=0.5,1.0: model.stablehlo takes any image "
+                                        r"size, .*export the scales to ONNX alone"):
     export.export(run, str(tmp_path / "b"), tta=TTA((0.5, 1.0)))
   with pytest.raises(JaxsegError, match="no checkpoint"):
     os.makedirs(tmp_path / "empty")
@@ -241,14 +241,17 @@ def test_the_onnx_docs_snippet_runs_without_jaxseg_and_equals_load_run(unet_run,
   assert np.mean(labels == expected.argmax(-1)) >= 0.9999
 
 
-def test_a_flipped_ensemble_exports_to_onnx_as_one_function(unet_run, tmp_path):
+def test_an_ensemble_with_multi_scale_tta_exports_to_onnx_as_one_function(unet_run, tmp_path):
+  """At a fixed size every TTA view has an exact size: ONNX takes --tta's scales too."""
   run = runs.load_run(unet_run)
   ensemble = evaluate.Ensemble([run, run], [1.0, 3.0])
-  export.export(ensemble, str(tmp_path), formats=["onnx"], tta=TTA(flip=True), size=(40, 24))
+  tta = TTA((0.75, 1.0, 1.5), flip=True)
+  meta = export.export(ensemble, str(tmp_path), formats=["onnx"], tta=tta, size=(40, 24))
+  assert meta["tta"] == "scales 0.75, 1, 1.5 + flip"
   images = np.random.default_rng(6).integers(0, 256, (2, 40, 24, 3), dtype=np.uint8)
   probabilities, _ = export.onnx_session(str(tmp_path)).run(None, {"images": images})
-  np.testing.assert_allclose(probabilities, np.asarray(ensemble.probabilities(
-      images, tta=TTA(flip=True))), atol=1e-4)
+  np.testing.assert_allclose(probabilities, np.asarray(ensemble.probabilities(images, tta=tta)),
+                             atol=1e-4)
 
 
 def test_bad_onnx_exports_are_one_line_and_write_nothing(unet_run, tmp_path, monkeypatch):

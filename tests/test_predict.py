@@ -3,6 +3,7 @@ that clash are told apart, a user's file is never replaced unasked, a rerun skip
 a bad image is named while the rest are done, folders are walked, and an image far larger than
 the training crops goes by sliding window."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxseg import portable, predict, runs
+from jaxseg import evaluate, portable, predict, runs
 from jaxseg.data import SyntheticShapes
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import TTA
@@ -279,3 +280,16 @@ def test_a_portable_model_file_predicts_from_the_command_line(model, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "x_labels.png")),
                                 _labels(model, image))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_tiled_labels_are_the_sliding_window_labels(model, batch_size):
+  """Bands of windows, `batch_size` windows at a time over 8 devices, give what the whole-image
+  sliding window gives, for a run and for a weighted ensemble of two."""
+  image = np.random.default_rng(8).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+  other = dataclasses.replace(model, variables=jax.tree.map(lambda v: v * 1.1, model.variables))
+  for members, weights in (([model], [1.0]), ([model, other], [0.25, 0.75])):
+    expected = evaluate.Ensemble(members, weights).probabilities(image[None], window=(32, 24))
+    labels = predict.tiled_labels(members, weights, image, (32, 24), batch_size=batch_size)
+    assert labels.dtype == np.uint8 and labels.shape == (70, 90)
+    assert np.mean(labels == np.asarray(expected[0]).argmax(-1)) >= 0.9999
