@@ -383,7 +383,10 @@ def tiled_labels(members: Sequence[runs.Run], weights: Sequence[float], image: n
   for x in xs:
     col_count[x:x + ww] += 1
   devices = mesh.devices.size
-  rows = -(-batch_size // devices) * devices
+  # A band's windows in equal batches of at most `batch_size` (a multiple of the device
+  # count): 18 windows go 6, 6, 6, not 8, 8 and 2 filled up to 8.
+  per_batch = -(-len(xs) // -(-len(xs) // batch_size))
+  rows = -(-per_batch // devices) * devices
   k = members[0].num_classes
   labels = np.empty((h, w), np.uint8)
   top, sums = 0, [np.zeros((0, w, k), np.float32) for _ in members]  # rows [top, top + len)
@@ -391,13 +394,12 @@ def tiled_labels(members: Sequence[runs.Run], weights: Sequence[float], image: n
     grow = y + wh - top - len(sums[0])
     if grow > 0:
       sums = [np.concatenate([s, np.zeros((grow, w, k), np.float32)]) for s in sums]
-    for start in range(0, len(xs), rows):
-      chunk = xs[start:start + rows]
+    for start in range(0, len(xs), per_batch):
+      chunk = xs[start:start + per_batch]
       crops = np.zeros((rows, wh, ww, image.shape[-1]), image.dtype)
       for j, x in enumerate(chunk):
         crops[j] = image[y:y + wh, x:x + ww]
-      if rows % devices == 0:
-        crops = jax.device_put(crops, sharding.batch_sharding(mesh))
+      crops = jax.device_put(crops, sharding.batch_sharding(mesh))
       for member, total in zip(members, sums):
         logits = np.asarray(member.logits(crops))
         for j, x in enumerate(chunk):  # in the order inference.sliding_logits adds them
