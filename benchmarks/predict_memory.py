@@ -1,6 +1,6 @@
 """Peak memory and time of `python -m experiments.predict` on one very large photograph.
 
-    python benchmarks/predict_memory.py --size=6000 --crop=512
+    python benchmarks/predict_memory.py --size=6000 --crop=512 --batch_size=8
 
 A DeepLabV3+ ResNet-50 (random weights, 19 classes) that "trained" on `--crop` crops is saved
 as a portable model file; predict then segments one `--size` x `--size` JPEG with default
@@ -47,6 +47,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--size", type=int, default=6000)
   parser.add_argument("--crop", type=int, default=512)
+  parser.add_argument("--batch_size", type=int, default=8, help="predict's --batch_size: "
+                      "windows of one image predicted together")
   parser.add_argument("--windows", default="", help="comma-separated HxW settings besides "
                       "the default (0: whole image)")
   args = parser.parse_args()
@@ -60,10 +62,12 @@ def main():
     small = rng.integers(0, 256, (args.size // 16, args.size // 16, 3), dtype=np.uint8)
     Image.fromarray(small).resize((args.size, args.size)).save(image, quality=90)
     print(f"predict on one {args.size}x{args.size} JPEG, DeepLabV3+ ResNet-50 trained on "
-          f"{args.crop}x{args.crop} crops, {os.cpu_count()} CPU cores")
+          f"{args.crop}x{args.crop} crops, --batch_size={args.batch_size}, "
+          f"{os.cpu_count()} CPU cores")
     for window in ["default", *filter(None, args.windows.split(","))]:
       command = [sys.executable, "-m", "experiments.predict", f"--workdir={model_file}",
-                 f"--out_dir={os.path.join(folder, window)}", image]
+                 f"--out_dir={os.path.join(folder, window)}",
+                 f"--batch_size={args.batch_size}", image]
       if window != "default":
         command.append(f"--window={window}")
       seconds, peak, told = peak_of(command)
