@@ -92,7 +92,7 @@ def serving_function(model, tta: TTA = NO_TTA, stride: int = STRIDE):
   if getattr(members[0], "superpixels", None) is not None:
     raise JaxsegError("the superpixel GNN cannot be exported: its SLIC superpixels and region "
                       "graphs are computed in numpy, outside any traced function")
-  parts = [(m.model, jax.device_get(m.variables), m.preprocess, m.num_classes, w)
+  parts = [(m.model, jax.device_get(m.variables), m.preprocess, w)
            for m, w in zip(members, weights)]
 
   def padded(apply, x):
@@ -103,14 +103,15 @@ def serving_function(model, tta: TTA = NO_TTA, stride: int = STRIDE):
 
   def serve(images):
     total = 0.0
-    for module, variables, preprocess, k, weight in parts:
+    for module, variables, preprocess, weight in parts:
       x = preprocess(images)
       apply = functools.partial(_logits, module, variables)
+      # Flipped views in calls of their own: jax2onnx cannot split a symbolic batch in two.
       if all(isinstance(d, int) for d in x.shape[1:3]):
-        p = inference.predict(apply, x, k, tta=tta)
+        p = inference.tta_scores(apply, x, tta, stack_flips=False)  # what Run.probabilities does
       else:
         _check_symbolic_tta(tta)
-        p = inference.tta_scores(functools.partial(padded, apply), x, tta)
+        p = inference.tta_scores(functools.partial(padded, apply), x, tta, stack_flips=False)
       total = total + weight * p
     return total, jnp.argmax(total, axis=-1).astype(jnp.int32)
 

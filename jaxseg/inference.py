@@ -90,26 +90,33 @@ def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
   return tuple(max(1, int(round(s * scale))) for s in size)
 
 
-def tta_scores(view_fn: Callable, images, tta: TTA = NO_TTA, *, logits: bool = True):
+def tta_scores(view_fn: Callable, images, tta: TTA = NO_TTA, *, logits: bool = True,
+               stack_flips: bool = True):
   """Mean class probabilities over the views of `tta`: float32 (B, H, W, K).
 
   `view_fn(images (b, h', w', C)) -> scores (b, h'', w'', K)`, logits when `logits` (each
   view's logits are resized to (H, W) and then soft-maxed, as mmsegmentation does) or
   probabilities otherwise. A view's mirrored copy runs in the same call as the view itself
-  (batch 2b): one traced model per scale.
+  (batch 2b): one traced model per scale; with `stack_flips` False, in a call of its own (an
+  ONNX converter cannot slice a symbolic batch in two).
   """
   b, h, w = images.shape[:3]
+
+  def score(view):
+    scores = resize_bilinear(view_fn(view).astype(jnp.float32), (h, w))
+    return jax.nn.softmax(scores, axis=-1) if logits else scores
+
   total = 0.0
   for scale in tta.scales:
     x = images if scale == 1 else resize_bilinear(images.astype(jnp.float32),
                                                   scaled_size((h, w), scale))
-    if tta.flip:
-      x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
-    scores = resize_bilinear(view_fn(x).astype(jnp.float32), (h, w))
-    probabilities = jax.nn.softmax(scores, axis=-1) if logits else scores
-    if tta.flip:
-      probabilities = probabilities[:b] + probabilities[b:, :, ::-1]
-    total = total + probabilities
+    if not tta.flip:
+      total = total + score(x)
+    elif stack_flips:
+      both = score(jnp.concatenate([x, x[:, :, ::-1]], axis=0))
+      total = total + both[:b] + both[b:, :, ::-1]
+    else:
+      total = total + score(x) + score(x[:, :, ::-1])[:, :, ::-1]
   return total / tta.num_views
 
 
