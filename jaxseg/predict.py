@@ -28,7 +28,7 @@ import tqdm
 from absl import logging
 from PIL import Image
 
-from jaxseg import inference, runs, visualize
+from jaxseg import runs, tiling, visualize
 from jaxseg.data import from_config
 from jaxseg.data.files import BadExample, probe_array, read_array, read_image
 from jaxseg.errors import JaxsegError, first_line
@@ -323,15 +323,6 @@ BUCKETS = ("auto", "yes", "no")
 BUCKET_AFTER = 8  # image sizes in one call past which "auto" pads to buckets
 
 
-def bucket_size(n: int) -> int:
-  """`n` rounded up to a multiple of 32, or of 1/8 of the power of two below it when that is
-  larger (600 -> 640, 1000 -> 1024, 6000 -> 6144): 33 sizes from 256 to 4096 pixels, each at
-  most 1/8 more than the sizes it holds (below 256, multiples of 32, which every network here
-  divides)."""
-  step = max(32, (1 << (n.bit_length() - 1)) // 8)
-  return -(-n // step) * step
-
-
 def _probed_size(path: str) -> tuple[int, int] | None:
   """(h, w) from the file's header; None where it cannot be read (the read names it later)."""
   try:
@@ -363,61 +354,6 @@ def _read_ahead(todo, rgb8: bool, depth: int):
       yield item, future.result()
 
 
-def tiled_labels(members: Sequence[runs.Run], weights: Sequence[float], image: np.ndarray,
-                 window: Sequence[int], batch_size: int = 8, mesh=None) -> np.ndarray:
-  """uint8 (H, W) labels of one large image by sliding `window`: the windows, logit averages
-  and weighted mean of the members' probabilities of `probabilities(image[None],
-  window=window)`, but only a band of window rows is ever held. Memory grows with the
-  window's height times the image's width, not with the image: a 6000x6000 photograph's
-  19-class probabilities alone are 2.7 GB.
-
-  Windows go `batch_size` at a time (one compiled shape: the last batch is filled up), sharded
-  over `mesh`'s devices."""
-  mesh = mesh or sharding.make_mesh()
-  h, w = image.shape[:2]
-  wh, ww = min(window[0], h), min(window[1], w)
-  ys, xs = inference.window_starts(h, wh), inference.window_starts(w, ww)
-  row_count, col_count = np.zeros(h, np.float32), np.zeros(w, np.float32)
-  for y in ys:
-    row_count[y:y + wh] += 1
-  for x in xs:
-    col_count[x:x + ww] += 1
-  devices = mesh.devices.size
-  # A band's windows in equal batches of at most `batch_size` (a multiple of the device
-  # count): 18 windows go 6, 6, 6, not 8, 8 and 2 filled up to 8.
-  per_batch = -(-len(xs) // -(-len(xs) // batch_size))
-  rows = -(-per_batch // devices) * devices
-  k = members[0].num_classes
-  labels = np.empty((h, w), np.uint8)
-  top, sums = 0, [np.zeros((0, w, k), np.float32) for _ in members]  # rows [top, top + len)
-  for i, y in enumerate(ys):
-    grow = y + wh - top - len(sums[0])
-    if grow > 0:
-      sums = [np.concatenate([s, np.zeros((grow, w, k), np.float32)]) for s in sums]
-    for start in range(0, len(xs), per_batch):
-      chunk = xs[start:start + per_batch]
-      crops = np.zeros((rows, wh, ww, image.shape[-1]), image.dtype)
-      for j, x in enumerate(chunk):
-        crops[j] = image[y:y + wh, x:x + ww]
-      crops = jax.device_put(crops, sharding.batch_sharding(mesh))
-      for member, total in zip(members, sums):
-        logits = np.asarray(member.logits(crops))
-        for j, x in enumerate(chunk):  # in the order inference.sliding_logits adds them
-          total[y - top:y - top + wh, x:x + ww] += logits[j]
-    final = ys[i + 1] if i + 1 < len(ys) else h  # no later window reaches these rows
-    if final > top:
-      count = row_count[top:final, None, None] * col_count[None, :, None]
-      mixed = 0.0
-      for weight, total in zip(weights, sums):
-        scores = total[:final - top] / count
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        mixed = mixed + weight * scores / scores.sum(-1, keepdims=True)
-      labels[top:final] = np.argmax(mixed, -1)
-      sums = [total[final - top:] for total in sums]
-      top = final
-  return labels
-
-
 def _frozen(model, members):
   """(model, members) with each CNN's weights compiled in as constants (`Run.frozen`): 1.3x
   the images/s of DeepLabV3+ ResNet-50 on XLA:CPU, where the compiler folds them."""
@@ -444,8 +380,8 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
 
   Images go `batch_size` at a time, sharded over every device (the batch is filled up to a
   multiple of the device count), sorted by size so that images of one size fill batches.
-  `bucket` "yes" pads each image at the bottom and right to its bucket (`bucket_size`: a few
-  sizes), zero after normalisation, so that a folder of many sizes compiles a few programs;
+  `bucket` "yes" pads each image at the bottom and right to its bucket
+  (`tiling.bucket_size`: a few sizes), zero after normalisation, so that a folder of many sizes compiles a few programs;
   the padding can change a prediction near the padded edges (and, through DeepLab's image
   pooling, slightly everywhere). "auto" does so only for more than `BUCKET_AFTER` sizes;
   "no" never. The GNN (superpixels of the whole image) takes each size as it is.
@@ -555,7 +491,7 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
   devices = mesh.devices.size
 
   def shape_of(h, w):
-    return (bucket_size(h), bucket_size(w)) if bucket else (h, w)
+    return (tiling.bucket_size(h), tiling.bucket_size(w)) if bucket else (h, w)
 
   weights = model.weights if isinstance(model, Ensemble) else [1.0]
   # Whole-image test-time views need the whole image's scores; windows alone can go by bands.
@@ -570,7 +506,7 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
       if tiles and size is not None and (first_image.shape[0] > size[0] or
                                          first_image.shape[1] > size[1]):
         write(group[0][0], group[0][1], first_image,
-              tiled_labels(members, weights, first_image, size, batch_size, mesh))
+              tiling.tiled_labels(members, weights, first_image, size, batch_size, mesh))
         return
       rows = len(group) if len(group) == 1 else -(-len(group) // devices) * devices
       batch = np.zeros((rows, *shape, first_image.shape[-1]), first_image.dtype)

@@ -22,7 +22,7 @@ LAYERS = (
     ("inference", ("jaxseg.inference",)),
     ("train", ("jaxseg.train",)),
     ("runs", ("jaxseg.runs", "jaxseg.evaluate", "jaxseg.export", "jaxseg.portable",
-              "jaxseg.predict")),
+              "jaxseg.predict", "jaxseg.tiling")),
     ("studies", ("jaxseg.studies",)),
 )
 # Re-exporting package modules: they may import any layer (nothing in the library imports them).

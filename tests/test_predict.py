@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxseg import evaluate, portable, predict, runs
+from jaxseg import evaluate, portable, predict, runs, tiling
 from jaxseg.data import SyntheticShapes
 from jaxseg.errors import JaxsegError
 from jaxseg.inference import TTA
@@ -172,7 +172,7 @@ def test_input_dir_is_walked_and_mirrored_and_sizes_are_batched(model, tmp_path,
     # Batched with others of its bucket, as alone at its bucket's size (padding zero after
     # normalisation), and mostly as alone at its own size (pixels near the padded edges see
     # the padding; this 2-step model is about the most sensitive there is).
-    bucket = tuple(map(predict.bucket_size, image.shape[:2]))
+    bucket = tuple(map(tiling.bucket_size, image.shape[:2]))
     padded = np.zeros((1, *bucket, 3), np.uint8)
     padded[0, :image.shape[0], :image.shape[1]] = image
     alone = np.asarray(model.probabilities(padded, sizes=np.array([image.shape[:2]])))
@@ -235,11 +235,11 @@ def test_auto_buckets_only_a_folder_of_many_sizes(model, tmp_path, monkeypatch, 
 
 
 def test_bucket_sizes_are_few_and_pad_little():
-  assert [predict.bucket_size(n) for n in (1, 32, 33, 300, 511, 600, 1000, 1025, 6000)] == [
+  assert [tiling.bucket_size(n) for n in (1, 32, 33, 300, 511, 600, 1000, 1025, 6000)] == [
       32, 32, 64, 320, 512, 640, 1024, 1152, 6144]
   sizes = range(256, 4097)
-  assert len({predict.bucket_size(n) for n in sizes}) == 33  # not 3841 programs
-  assert max(predict.bucket_size(n) / n for n in sizes) <= 1 + 1 / 8
+  assert len({tiling.bucket_size(n) for n in sizes}) == 33  # not 3841 programs
+  assert max(tiling.bucket_size(n) / n for n in sizes) <= 1 + 1 / 8
 
 
 def test_one_device_and_eight_write_the_same_labels(unet_run, tmp_path):
@@ -290,6 +290,6 @@ def test_tiled_labels_are_the_sliding_window_labels(model, batch_size):
   other = dataclasses.replace(model, variables=jax.tree.map(lambda v: v * 1.1, model.variables))
   for members, weights in (([model], [1.0]), ([model, other], [0.25, 0.75])):
     expected = evaluate.Ensemble(members, weights).probabilities(image[None], window=(32, 24))
-    labels = predict.tiled_labels(members, weights, image, (32, 24), batch_size=batch_size)
+    labels = tiling.tiled_labels(members, weights, image, (32, 24), batch_size=batch_size)
     assert labels.dtype == np.uint8 and labels.shape == (70, 90)
     assert np.mean(labels == np.asarray(expected[0]).argmax(-1)) >= 0.9999
