@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseg.errors import JaxsegError, first_line
 from jaxseg import inference
+from jaxseg.errors import JaxsegError, first_line
 from jaxseg.inference import NO_TTA, TTA
 from jaxseg.train.workdir import ensure_writable
 
@@ -144,7 +144,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 def metadata(model, *, tta: TTA, formats: Sequence[str], smallest: int,
-             onnx_size: tuple[int, int] | None = None) -> dict[str, Any]:
+             fixed_size: tuple[int, int] | None = None) -> dict[str, Any]:
   from jaxseg.version import __version__  # pylint: disable=g-import-not-at-top
   members, weights = _members(model)
   first = members[0]
@@ -167,10 +167,10 @@ def metadata(model, *, tta: TTA, formats: Sequence[str], smallest: int,
       "outputs": [{"name": "probabilities", "dtype": "float32", "shape": "B, H, W, K"},
                   {"name": "labels", "dtype": "int32", "shape": "B, H, W"}],
       "tta": tta.describe(),
-      **({"onnx": {"file": ONNX_FILE, "opset": ONNX_OPSET, "input_shape": ["B", *onnx_size,
+      **({"onnx": {"file": ONNX_FILE, "opset": ONNX_OPSET, "input_shape": ["B", *fixed_size,
                                                                            channels],
-                   "size_rule": f"batch any; height and width exactly {onnx_size[0]}x"
-                                f"{onnx_size[1]} (--size)"}} if onnx_size else {}),
+                   "size_rule": f"batch any; height and width exactly {fixed_size[0]}x"
+                                f"{fixed_size[1]} (--size)"}} if fixed_size else {}),
   }
 
 
@@ -268,7 +268,7 @@ def export(model, out_dir: str, *, formats: Sequence[str] = DEFAULT_FORMATS,
   if "safetensors" in formats:
     from jaxseg import portable  # pylint: disable=g-import-not-at-top
     portable.save_pretrained(model, os.path.join(out_dir, SAFETENSORS_FILE))
-  meta = metadata(model, tta=tta, formats=formats, smallest=smallest, onnx_size=fixed)
+  meta = metadata(model, tta=tta, formats=formats, smallest=smallest, fixed_size=fixed)
   _write(os.path.join(out_dir, METADATA_FILE), json.dumps(meta, indent=1).encode())
   return meta
 

@@ -264,7 +264,8 @@ def test_frozen_weights_predict_as_the_run_does(model):
   images = np.random.default_rng(7).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
   frozen = model.frozen()
   assert frozen.constant_weights and not model.constant_weights
-  lowered = frozen._probabilities.lower(images, tta=TTA(), window=None, sizes=None)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  lowered = frozen._probabilities.lower(images, tta=TTA(), window=None, sizes=None)
   assert len(jax.tree.leaves(lowered.args_info)) == 1  # the images only: no weight arguments
   np.testing.assert_allclose(frozen.probabilities(images), model.probabilities(images),
                              atol=1e-5)
