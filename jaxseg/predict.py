@@ -384,7 +384,8 @@ def export_predictions(model, paths: Sequence[str] = (), *, out_dir: str | None 
   (`tiling.bucket_size`: a few sizes), zero after normalisation, so that a folder of many
   sizes compiles a few programs; the padding can change a prediction near the padded edges
   (and, through DeepLab's image pooling, slightly everywhere). "auto" does so only for more
-  than `BUCKET_AFTER` sizes; "no" never. The GNN (superpixels of the whole image) takes each size as it is.
+  than `BUCKET_AFTER` sizes; "no" never. The GNN (superpixels of the whole image) takes each
+  size as it is.
 
   `window` "default" is the sliding window the run's dataset is evaluated with, or whole
   images, except that images over twice the run's training size go by windows of that size
