@@ -11,6 +11,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from scipy import special
 
 from jaxseg import inference
 from jaxseg.train import sharding
@@ -71,9 +72,7 @@ def tiled_labels(members: Sequence, weights: Sequence[float], image: np.ndarray,
       count = row_count[top:final, None, None] * col_count[None, :, None]
       mixed = 0.0
       for weight, total in zip(weights, sums):
-        scores = total[:final - top] / count
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        mixed = mixed + weight * scores / scores.sum(-1, keepdims=True)
+        mixed = mixed + weight * special.softmax(total[:final - top] / count, axis=-1)
       labels[top:final] = np.argmax(mixed, -1)
       sums = [total[final - top:] for total in sums]
       top = final
